@@ -1,0 +1,2 @@
+"""NeuronAtlas."""
+__version__ = "0.1.0"

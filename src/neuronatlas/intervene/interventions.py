@@ -1,0 +1,247 @@
+"""Interventions: small typed values, applied in a scope that always removes its hooks.
+
+    >>> from neuronatlas.intervene import Ablate, Clamp, Scale, Steer, NeuronSet, intervene
+    >>> ns = NeuronSet.parse("L3:10-20")
+    >>> with intervene(lm, [Ablate(ns)]):            # one condition
+    ...     logits = lm.model(**batch).logits
+    >>> # several conditions in ONE forward: the batch is repeated once per condition
+    >>> conds = [(), (Ablate(ns),), (Clamp(ns, 5.0),)]
+    >>> with intervene(lm, conds, rows_per_condition=len(texts)):
+    ...     logits = lm.model(**repeat_batch(batch, len(conds))).logits
+
+``position="last"`` acts only on each row's last position (the last prompt token in evaluation
+helpers, the newest token during generation); ``"all"`` acts at every position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+
+from neuronatlas.errors import InterventionError
+from neuronatlas.intervene.neurons import NeuronSet
+from neuronatlas.models.loading import LoadedModel
+from neuronatlas.models.sites import Component
+from neuronatlas.record.hooks import site_hooks
+
+__all__ = ["Ablate", "Clamp", "Scale", "Steer", "Intervention", "Condition", "intervene",
+           "normalize_conditions", "Position"]
+
+Position = Literal["all", "last"]
+
+
+def _check_position(position: str) -> None:
+    if position not in ("all", "last"):
+        raise InterventionError(f"unknown position {position!r}; choose 'all' or 'last'")
+
+
+def _per_neuron(value: float | Sequence[float], n: int, what: str) -> tuple[float, ...] | float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    values = tuple(float(v) for v in value)
+    if len(values) != n:
+        raise InterventionError(f"{what} has {len(values)} values for {n} neurons; give one per neuron or a scalar")
+    return values
+
+
+@dataclass(frozen=True)
+class Ablate:
+    """Set neurons to 0 (``mode='zero'``) or to given per-neuron means (``mode='mean'``)."""
+
+    neurons: NeuronSet
+    mode: Literal["zero", "mean"] = "zero"
+    values: tuple[float, ...] | None = None
+    position: Position = "all"
+
+    def __post_init__(self) -> None:
+        _check_position(self.position)
+        if self.mode not in ("zero", "mean"):
+            raise InterventionError(f"unknown ablation mode {self.mode!r}; choose 'zero' or 'mean'")
+        if self.mode == "mean":
+            if self.values is None:
+                raise InterventionError("mean ablation needs per-neuron mean values; record a dataset "
+                                        "first or use mode='zero'")
+            object.__setattr__(self, "values", _per_neuron(self.values, len(self.neurons), "Ablate.values"))
+
+    @property
+    def component(self) -> Component:
+        return self.neurons.component
+
+
+@dataclass(frozen=True)
+class Clamp:
+    """Force neurons to a value (one scalar, or one value per neuron in ``neurons.pairs`` order)."""
+
+    neurons: NeuronSet
+    value: float | tuple[float, ...]
+    position: Position = "all"
+
+    def __post_init__(self) -> None:
+        _check_position(self.position)
+        object.__setattr__(self, "value", _per_neuron(self.value, len(self.neurons), "Clamp.value"))
+
+    @property
+    def component(self) -> Component:
+        return self.neurons.component
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Multiply neurons by ``factor`` (0 ablates, 2 doubles)."""
+
+    neurons: NeuronSet
+    factor: float
+    position: Position = "all"
+
+    def __post_init__(self) -> None:
+        _check_position(self.position)
+
+    @property
+    def component(self) -> Component:
+        return self.neurons.component
+
+
+@dataclass(frozen=True)
+class Steer:
+    """Add ``alpha * direction`` to the whole neuron vector of one layer (``direction``: one value per neuron)."""
+
+    layer: int
+    direction: tuple[float, ...]
+    alpha: float = 1.0
+    component: Component = Component.MLP
+    position: Position = "all"
+
+    def __post_init__(self) -> None:
+        _check_position(self.position)
+        object.__setattr__(self, "direction", tuple(float(v) for v in self.direction))
+        object.__setattr__(self, "component", Component.parse(self.component))
+
+
+Intervention = Union[Ablate, Clamp, Scale, Steer]
+Condition = tuple[Intervention, ...]
+
+
+def normalize_conditions(conditions: Sequence[Intervention | Sequence[Intervention]]) -> list[Condition]:
+    """Accept a list of conditions, each an intervention or a sequence of them; () is the baseline."""
+    out: list[Condition] = []
+    for cond in conditions:
+        if isinstance(cond, (Ablate, Clamp, Scale, Steer)):
+            out.append((cond,))
+        else:
+            items = tuple(cond)
+            for item in items:
+                if not isinstance(item, (Ablate, Clamp, Scale, Steer)):
+                    raise InterventionError(f"{item!r} is not an intervention; use Ablate, Clamp, Scale or Steer")
+            out.append(items)
+    return out
+
+
+@dataclass
+class _Op:
+    kind: str                      # "set", "scale", "add"
+    idx: torch.Tensor | None       # neuron indices (None: all neurons)
+    value: torch.Tensor            # broadcast over the selected neurons
+    last: bool
+
+
+def _ops_for(iv: Intervention, layer: int, n_neurons: int) -> _Op | None:
+    if isinstance(iv, Steer):
+        if iv.layer != layer:
+            return None
+        if len(iv.direction) != n_neurons:
+            raise InterventionError(f"Steer direction has {len(iv.direction)} values; layer {layer} has {n_neurons} neurons")
+        return _Op("add", None, iv.alpha * torch.tensor(iv.direction), iv.position == "last")
+    per_layer = iv.neurons.by_layer()
+    if layer not in per_layer:
+        return None
+    wanted = per_layer[layer]
+    idx = torch.tensor(wanted, dtype=torch.long)
+    if int(idx.max()) >= n_neurons:
+        raise InterventionError(f"neuron L{layer}:{int(idx.max())} is out of range; layers have {n_neurons} neurons")
+    # positions of this layer's neurons in the set's order, for per-neuron values
+    order = [i for i, (lay, _) in enumerate(iv.neurons.pairs) if lay == layer]
+    last = iv.position == "last"
+    if isinstance(iv, Ablate):
+        vals = torch.zeros(len(wanted)) if iv.mode == "zero" else torch.tensor([iv.values[i] for i in order])  # type: ignore[index]
+        return _Op("set", idx, vals, last)
+    if isinstance(iv, Clamp):
+        value = iv.value
+        vals = torch.full((len(wanted),), value) if isinstance(value, float) else torch.tensor([value[i] for i in order])
+        return _Op("set", idx, vals, last)
+    return _Op("scale", idx, torch.tensor(float(iv.factor)), last)
+
+
+def _apply(op: _Op, hs: torch.Tensor, last_index: torch.Tensor | None) -> None:
+    """Apply ``op`` in place to ``hs`` (rows of one condition, shape (B, T, N))."""
+    value = op.value.to(hs.dtype).to(hs.device)
+    if op.last:
+        rows = torch.arange(hs.shape[0], device=hs.device)
+        pos = torch.full_like(rows, hs.shape[1] - 1) if last_index is None or hs.shape[1] == 1 else last_index.to(hs.device)
+        target = hs[rows, pos]  # (B, N) copy
+        _update(op, target, value)
+        hs[rows, pos] = target
+    else:
+        _update(op, hs, value)
+
+
+def _update(op: _Op, t: torch.Tensor, value: torch.Tensor) -> None:
+    if op.idx is None:
+        t += value
+        return
+    idx = op.idx.to(t.device)
+    if op.kind == "set":
+        t[..., idx] = value
+    elif op.kind == "scale":
+        t[..., idx] = t[..., idx] * value
+
+
+@contextmanager
+def intervene(lm: LoadedModel, conditions: Sequence[Intervention | Sequence[Intervention]], *,
+              rows_per_condition: int | None = None, last_index: torch.Tensor | None = None) -> Iterator[None]:
+    """Apply conditions inside the block; condition c acts on batch rows ``[c*R, (c+1)*R)``.
+
+    With one condition ``rows_per_condition`` may be omitted (it acts on every row). ``last_index``:
+    per-row index (shape ``(R,)``) of the position ``position='last'`` acts on; default the final one.
+    """
+    conds = normalize_conditions(conditions)
+    if len(conds) > 1 and rows_per_condition is None:
+        raise InterventionError("several conditions need rows_per_condition (the batch size of one condition)")
+    n = lm.n_neurons
+    for cond in conds:
+        for iv in cond:
+            if not isinstance(iv, Steer):
+                iv.neurons.validate(lm.n_layers, n)
+            lm.spec.check_component(iv.component)
+    with ExitStack() as stack:
+        for component in lm.spec.components:
+            plan: dict[int, list[tuple[int, _Op]]] = {}
+            for c, cond in enumerate(conds):
+                for iv in cond:
+                    if iv.component is not component:
+                        continue
+                    layers = [iv.layer] if isinstance(iv, Steer) else iv.neurons.layers
+                    for layer in layers:
+                        op = _ops_for(iv, layer, n)
+                        if op is not None:
+                            plan.setdefault(layer, []).append((c, op))
+            if not plan:
+                continue
+
+            def edit(layer: int, h: torch.Tensor, _plan: dict[int, list[tuple[int, _Op]]] = plan) -> torch.Tensor | None:
+                ops = _plan.get(layer)
+                if not ops:
+                    return None
+                h = h.clone()
+                rows = rows_per_condition or h.shape[0]
+                for c, op in ops:
+                    hs = h[c * rows:(c + 1) * rows]
+                    _apply(op, hs, last_index)
+                return h
+
+            stack.enter_context(site_hooks(lm, component, edit=edit, layers=sorted(plan),
+                                           batch_size=(rows_per_condition or 0) * len(conds) or None))
+        yield

@@ -1,0 +1,76 @@
+"""Tokenising, padding and running batches the same way everywhere.
+
+Position ids are always computed from the attention mask, so left- and right-padded batches give
+each real token the same position (HF's plain forward would otherwise count padding).
+
+    >>> from neuronatlas.record.batching import encode, forward
+    >>> batch = encode(lm, ["The capital of France is"], padding_side="left")
+    >>> logits = forward(lm, batch).logits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from neuronatlas.models.loading import LoadedModel
+
+__all__ = ["encode", "encode_ids", "forward", "repeat_batch", "batches", "last_positions"]
+
+PaddingSide = Literal["left", "right"]
+
+
+def encode_ids(lm: LoadedModel, texts: Sequence[str], *, add_special_tokens: bool = True,
+               max_length: int | None = None) -> list[list[int]]:
+    out = lm.tokenizer(list(texts), add_special_tokens=add_special_tokens, truncation=max_length is not None,
+                       max_length=max_length)["input_ids"]
+    return [list(ids) for ids in out]
+
+
+def pad_ids(lm: LoadedModel, ids: Sequence[Sequence[int]], padding_side: PaddingSide = "left") -> dict[str, torch.Tensor]:
+    """Pad token id lists into ``input_ids``, ``attention_mask`` and ``position_ids``."""
+    pad_id = lm.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = lm.tokenizer.eos_token_id or 0
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        n = len(row)
+        if padding_side == "left":
+            input_ids[i, width - n:] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - n:] = 1
+        else:
+            input_ids[i, :n] = torch.tensor(row, dtype=torch.long)
+            mask[i, :n] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids}
+
+
+def encode(lm: LoadedModel, texts: Sequence[str], *, padding_side: PaddingSide = "left",
+           max_length: int | None = None) -> dict[str, torch.Tensor]:
+    return pad_ids(lm, encode_ids(lm, texts, max_length=max_length), padding_side)
+
+
+def last_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of each row's last real token (works for left and right padding)."""
+    width = attention_mask.shape[1]
+    positions = torch.arange(width, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def repeat_batch(batch: dict[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
+    """Repeat every row block ``times`` times, condition-major: rows [c*B, (c+1)*B) are copy c."""
+    return {k: v.repeat(times, *([1] * (v.dim() - 1))) for k, v in batch.items()}
+
+
+def forward(lm: LoadedModel, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+    device = lm.device
+    with torch.inference_mode():
+        return lm.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False, **kwargs)
+
+
+def batches(n: int, batch_size: int) -> list[range]:
+    return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

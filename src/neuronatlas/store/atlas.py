@@ -1,0 +1,234 @@
+"""The on-disk atlas: one directory per model, owned by this module alone.
+
+Layout (documented in docs/atlas-format.md)::
+
+    ATLAS/manifest.json                 schema version, model provenance, records, studies
+    ATLAS/records/<name>/record.json    how a recording was made (site, pooling, dataset hash)
+    ATLAS/records/<name>/*.parquet      prompts, per-label neuron statistics, top-k exemplars
+    ATLAS/records/<name>/pooled.safetensors   prompts x layers x neurons pooled responses (float16)
+    ATLAS/*.parquet                     atlas-wide tables (decoded tokens, selections, explanations)
+
+Every write goes to a temporary file in the same directory and is renamed into place, so a crash
+never leaves a half-written file. This module never imports torch.
+
+    >>> from neuronatlas.store import Atlas
+    >>> atlas = Atlas.create("my-atlas", model={"model": "default", "family": "llama"})
+    >>> atlas.query("SELECT count(*) FROM stats")          # DuckDB over the Parquet tables
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from neuronatlas.errors import AtlasError
+
+__all__ = ["Atlas", "SCHEMA_VERSION", "atomic_path", "write_json_atomic"]
+
+SCHEMA_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# Tables that live once per record; `Atlas.query` exposes each as one view over all records.
+RECORD_TABLES = ("prompts", "stats", "exemplars")
+
+
+def _package_version() -> str:
+    from neuronatlas import __version__
+
+    return __version__
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``target``; rename it onto ``target`` on success."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _identity(model: dict[str, Any]) -> str:
+    return str(model.get("file_sha256") or f"{model.get('model')}@{model.get('revision')}")
+
+
+def check_name(name: str, what: str = "name") -> str:
+    if not _NAME_RE.match(name):
+        raise AtlasError(f"invalid {what} {name!r}; use letters, digits, '_', '-', '.' (max 100 chars)")
+    return name
+
+
+class Atlas:
+    """A directory holding everything NeuronAtlas learned about one model."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # --- creation and manifest ------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, model: dict[str, Any]) -> "Atlas":
+        """Open ``path`` as an atlas of ``model``, creating it if needed.
+
+        An existing atlas of another model is refused (its file hash or name differs).
+        """
+        atlas = cls(path)
+        if atlas.manifest_path.exists():
+            existing = atlas.manifest()["model"]
+            if _identity(existing) != _identity(model):
+                raise AtlasError(
+                    f"atlas {str(path)!r} belongs to model {existing.get('model')!r} "
+                    f"({_identity(existing)}); choose another --out directory"
+                )
+            return atlas
+        atlas.path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(atlas.manifest_path, {
+            "schema_version": SCHEMA_VERSION,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "neuronatlas_version": _package_version(),
+            "model": model,
+            "records": {},
+            "tables": {},
+            "studies": {},
+        })
+        return atlas
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Atlas":
+        atlas = cls(path)
+        if not atlas.manifest_path.exists():
+            raise AtlasError(f"{str(path)!r} is not an atlas (no manifest.json); create one with "
+                             "`neuronatlas record` or `neuronatlas decode`")
+        version = atlas.manifest().get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise AtlasError(f"atlas {str(path)!r} has schema version {version}; this NeuronAtlas "
+                             f"reads version {SCHEMA_VERSION}")
+        return atlas
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    def manifest(self) -> dict[str, Any]:
+        return json.loads(self.manifest_path.read_text())
+
+    def update_manifest(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        manifest = self.manifest()
+        fn(manifest)
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    # --- files ------------------------------------------------------------------------------
+    def file(self, relpath: str) -> Path:
+        path = (self.path / relpath).resolve()
+        if self.path.resolve() not in path.parents:
+            raise AtlasError(f"path {relpath!r} leaves the atlas directory")
+        return path
+
+    def record_dir(self, name: str) -> Path:
+        return self.path / "records" / check_name(name, "record name")
+
+    def records(self) -> list[str]:
+        return sorted(self.manifest().get("records", {}))
+
+    def write_table(self, relpath: str, table: pa.Table | dict[str, Any],
+                    *, describe: str | None = None) -> Path:
+        if isinstance(table, dict):
+            table = pa.table(table)
+        target = self.file(relpath)
+        with atomic_path(target) as tmp:
+            pq.write_table(table, tmp, compression="zstd")
+        if describe is not None:
+            self.update_manifest(lambda m: m.setdefault("tables", {}).__setitem__(relpath, describe))
+        return target
+
+    def read_table(self, relpath: str, columns: list[str] | None = None) -> pa.Table:
+        target = self.file(relpath)
+        if not target.exists():
+            raise AtlasError(f"atlas {str(self.path)!r} has no table {relpath!r}")
+        return pq.read_table(target, columns=columns)
+
+    def has(self, relpath: str) -> bool:
+        return self.file(relpath).exists()
+
+    def write_arrays(self, relpath: str, arrays: dict[str, np.ndarray],
+                     metadata: dict[str, str] | None = None) -> Path:
+        from safetensors.numpy import save_file
+
+        target = self.file(relpath)
+        with atomic_path(target) as tmp:
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+        return target
+
+    def read_arrays(self, relpath: str) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        target = self.file(relpath)
+        if not target.exists():
+            raise AtlasError(f"atlas {str(self.path)!r} has no array file {relpath!r}")
+        return load_file(str(target))
+
+    def write_json(self, relpath: str, data: Any) -> Path:
+        target = self.file(relpath)
+        write_json_atomic(target, data)
+        return target
+
+    def read_json(self, relpath: str) -> Any:
+        target = self.file(relpath)
+        if not target.exists():
+            raise AtlasError(f"atlas {str(self.path)!r} has no file {relpath!r}")
+        return json.loads(target.read_text())
+
+    # --- SQL ----------------------------------------------------------------------------------
+    def connect(self) -> Any:
+        """A DuckDB connection with one view per table (record tables unioned over records)."""
+        import duckdb
+
+        con = duckdb.connect(":memory:")
+        for table in RECORD_TABLES:
+            files = sorted(self.path.glob(f"records/*/{table}.parquet"))
+            if files:
+                paths = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{paths}], union_by_name=true)")
+        for file in sorted(self.path.glob("*.parquet")):
+            view = re.sub(r"\W", "_", file.stem)
+            path = str(file).replace("'", "''")
+            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{path}')")
+        return con
+
+    def views(self) -> list[str]:
+        con = self.connect()
+        try:
+            return sorted(r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall())
+        finally:
+            con.close()
+
+    def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
+        import duckdb
+
+        con = self.connect()
+        try:
+            return con.execute(sql, params or []).fetch_arrow_table()
+        except duckdb.Error as exc:
+            views = ", ".join(self.views()) or "none"
+            raise AtlasError(f"query failed: {str(exc).splitlines()[0]} (tables: {views})") from None
+        finally:
+            con.close()
