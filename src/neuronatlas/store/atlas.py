@@ -226,7 +226,10 @@ class Atlas:
 
         con = self.connect()
         try:
-            return con.execute(sql, params or []).fetch_arrow_table()
+            rel = con.sql(sql, params=params or None)
+            if rel is None:  # a statement without a result (e.g. CREATE)
+                return pa.table({})
+            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
         except duckdb.Error as exc:
             views = ", ".join(self.views()) or "none"
             raise AtlasError(f"query failed: {str(exc).splitlines()[0]} (tables: {views})") from None
