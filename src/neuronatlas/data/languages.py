@@ -192,6 +192,8 @@ _INVISIBLE = re.compile(r"[\u00ad\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]"
 _KJV_FILLER = re.compile(r"ADDED FROM KJV|Missing KJV")                  # English KJV text patched into ru/ko
 _LEADING_NUMBER = re.compile(r"^\s*(\d{1,3})\s+(?=\D)")
 _MARKUP = re.compile(r"[\[\]*#|]")
+_ODD = re.compile(r"[\[\]()*#|]")
+_DIGIT = re.compile(r"\d")
 _EMPTY_PARENS = re.compile(r"\(\s*\)")
 _SPACE_BEFORE_STOP = re.compile(r"\s+([.,])")
 _ALT_NUMBER = re.compile(r"\(\s*\d+\s*[:.\-]\s*\d+\s*\)")                 # "(7:26)", "(30-1)"
@@ -210,19 +212,21 @@ def clean_verse(text: str, verse: int | None = None) -> str | None:
     text = _INVISIBLE.sub("", text).replace("\\", "").replace("`", "'").replace("₫", ".")
     if _KJV_FILLER.search(text):
         return None
-    if verse is not None:
+    if verse is not None and _DIGIT.search(text):
         for match in _NEXT_VERSE.finditer(text):
             if int(match.group(1)) == verse + 1:
                 return None
         lead = _LEADING_NUMBER.match(text)
         if lead and int(lead.group(1)) == verse:                          # "1 Et Samuel prit" (Darby)
             text = text[lead.end():]
-    text = _PSALM_HEADING.sub("", text)
-    text = _ALT_NUMBER.sub(" ", text)
-    text = _BRACKETED_REF.sub(" ", text)
-    text = _MARKUP.sub("", text)
-    text = _EMPTY_PARENS.sub(" ", text)
-    text = _SPACE_BEFORE_STOP.sub(r"\1", text)                              # space left before . or ,
+    if "Psalm " in text:
+        text = _PSALM_HEADING.sub("", text)
+    if _ODD.search(text):                                                 # skip the rare-case regexes
+        text = _ALT_NUMBER.sub(" ", text)
+        text = _BRACKETED_REF.sub(" ", text)
+        text = _MARKUP.sub("", text)
+        text = _EMPTY_PARENS.sub(" ", text)
+        text = _SPACE_BEFORE_STOP.sub(r"\1", text)                          # space left before . or ,
     words = text.split()
     if len(words) >= 2 and len(words[0]) >= 2 and words[0].isalpha() and words[0].isupper() \
             and words[1][:1].islower():

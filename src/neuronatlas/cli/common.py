@@ -1,0 +1,57 @@
+"""Shared CLI plumbing: options, progress bars, JSON output, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+__all__ = ["console", "err_console", "ModelOpt", "DtypeOpt", "DeviceOpt", "JsonOpt", "progress_bar", "emit",
+           "load_model_cli"]
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default' (embedded SmolLM2-135M), a HF directory, a .gguf file, "
+                                       "gemma3-270m, qwen2.5-coder-0.5b, or a hub id in the local HF cache")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (accelerate device_map)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
+
+
+@contextmanager
+def progress_bar(description: str, total: int | None = None, *, enabled: bool = True) -> Iterator[Callable[..., None]]:
+    """Yield ``update(done, total=None)``; draws a rich bar on stderr unless disabled or not a TTY."""
+    if not enabled:
+        yield lambda done, total=None: None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=err_console, transient=False) as prog:
+        task = prog.add_task(description, total=total)
+
+        def update(done: int, new_total: int | None = None) -> None:
+            prog.update(task, completed=done, total=new_total if new_total is not None else prog.tasks[task].total)
+
+        yield update
+
+
+def emit(data: Any, as_json: bool, render: Callable[[Any], None] | None = None) -> None:
+    """Print ``data`` as JSON (``--json``) or through ``render`` (rich tables)."""
+    if as_json or render is None:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        render(data)
+
+
+def load_model_cli(model: str, dtype: str = "float32", device: str = "cpu", quiet: bool = False) -> Any:
+    from neuronatlas.models import load_model
+
+    if not quiet:
+        err_console.print(f"[dim]loading model {model!r}...[/dim]")
+    return load_model(model, dtype=dtype, device=device)  # type: ignore[arg-type]

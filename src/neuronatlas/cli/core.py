@@ -1,0 +1,114 @@
+"""Core commands: models, inspect, record, query, generate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, progress_bar
+
+__all__ = ["register"]
+
+
+def models_cmd(as_json: JsonOpt = False) -> None:
+    """List the supported model families and their neuron sites."""
+    from neuronatlas.models.specs import SPECS
+
+    rows = [{"model_type": name, "gated": s.gated, "sites": [c.value for c in s.components], "layers": s.layers,
+             "mlp": ".".join(x for x in (s.mlp, s.down) if x)} for name, s in sorted(SPECS.items())]
+
+    def render(data: list[dict[str, object]]) -> None:
+        table = Table("model_type", "gated MLP", "sites", "layers at", "neuron site (down-proj input)")
+        for r in data:
+            table.add_row(str(r["model_type"]), "yes" if r["gated"] else "no", ", ".join(r["sites"]),  # type: ignore[arg-type]
+                          str(r["layers"]), str(r["mlp"]))
+        console.print(table)
+
+    emit(rows, as_json, render)
+
+
+def inspect_cmd(model: ModelOpt = "default", dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu",
+                as_json: JsonOpt = False) -> None:
+    """Print layers, neurons per layer, total neurons and sites of a model."""
+    lm = load_model_cli(model, dtype, device)
+
+    def render(data: dict[str, object]) -> None:
+        table = Table("property", "value", show_header=False)
+        for k, v in data.items():
+            table.add_row(k, ", ".join(map(str, v)) if isinstance(v, list) else str(v))
+        console.print(table)
+
+    emit(lm.summary(), as_json, render)
+
+
+def record_cmd(
+    data: Annotated[Path, typer.Option(help="labelled prompts: .jsonl, .csv or .parquet")],
+    out: Annotated[Path, typer.Option(help="atlas directory (created if missing)")],
+    model: ModelOpt = "default",
+    site: Annotated[str, typer.Option(help="mlp (down-projection input) or gate (act(gate) alone)")] = "mlp",
+    pool: Annotated[str, typer.Option(help="how prompt responses are pooled: mean, last or max")] = "mean",
+    top_k: Annotated[int, typer.Option(help="exemplars kept per neuron")] = 20,
+    batch_size: int = 16,
+    max_length: int = 128,
+    name: Annotated[str, typer.Option(help="record name inside the atlas")] = "default",
+    label_field: str = "label",
+    text_field: str = "text",
+    skip_bad: Annotated[bool, typer.Option(help="skip malformed rows (and report how many) instead of failing")] = False,
+    force: Annotated[bool, typer.Option(help="discard an existing record or checkpoint of this name")] = False,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Record per-label neuron statistics, pooled responses and top-k exemplars into an atlas (resumable)."""
+    from neuronatlas.data.prompts import load_prompts
+    from neuronatlas.record import RecordConfig, record
+
+    prompts = load_prompts(data, text_field=text_field, label_field=label_field, skip_bad=skip_bad)
+    lm = load_model_cli(model, dtype, device, quiet=as_json)
+    config = RecordConfig(component=site, pool=pool, top_k=top_k, batch_size=batch_size,  # type: ignore[arg-type]
+                          max_length=max_length)
+    with progress_bar("recording", len(prompts), enabled=not as_json) as update:
+        result = record(lm, prompts, out, name=name, config=config, progress=update, force=force)
+    counts = result.moments.count.tolist()
+    summary = {"atlas": str(out), "record": name, "prompts": len(prompts), "skipped_rows": len(prompts.skipped),
+               "labels": {lab: int(c) for lab, c in zip(result.labels, counts)}, "tokens": int(sum(counts)),
+               "site": config.component.value, "pool": pool, "seconds": result.info.get("record_seconds"),
+               "resumed_from_batch": result.info.get("resumed_from_batch")}
+
+    def render(d: dict[str, object]) -> None:
+        table = Table("label", "tokens", title=f"recorded {d['prompts']} prompts into {d['atlas']} ({d['site']} site)")
+        for lab, c in d["labels"].items():  # type: ignore[attr-defined]
+            table.add_row(lab, str(c))
+        console.print(table)
+        if d["skipped_rows"]:
+            console.print(f"[yellow]skipped {d['skipped_rows']} malformed rows[/yellow]")
+
+    emit(summary, as_json, render)
+
+
+def query_cmd(atlas: Annotated[Path, typer.Argument(help="atlas directory")],
+              sql: Annotated[str, typer.Argument(help="SQL over the atlas tables (stats, exemplars, prompts, ...)")],
+              as_json: JsonOpt = False, limit: int = 50) -> None:
+    """Run DuckDB SQL over an atlas's Parquet tables."""
+    from neuronatlas.store import Atlas
+
+    table = Atlas.open(atlas).query(sql)
+    rows = table.slice(0, limit).to_pylist()
+
+    def render(data: list[dict[str, object]]) -> None:
+        t = Table(*table.column_names)
+        for r in data:
+            t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
+        console.print(t)
+        if table.num_rows > limit:
+            console.print(f"[dim]{table.num_rows - limit} more rows (raise --limit)[/dim]")
+
+    emit(rows, as_json, render)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("models")(models_cmd)
+    app.command("inspect")(inspect_cmd)
+    app.command("record")(record_cmd)
+    app.command("query")(query_cmd)
