@@ -1,0 +1,103 @@
+"""Helpers every study shares: layer-matched random baselines, intervals, resumable state, provenance.
+
+    >>> from neuronatlas.studies.common import random_like, mean_ci, StudyState
+    >>> control = random_like(selected, n_neurons=1536, seed=0)    # same count per layer, random indices
+    >>> mean_ci([0.4, 0.5, 0.45])                                  # (mean, lo, hi), 95% t-interval
+    >>> state = StudyState(out_dir / "state.json"); state.get("cond-key") or state.put("cond-key", value)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuronatlas.intervene.neurons import NeuronSet
+from neuronatlas.store.atlas import write_json_atomic
+
+__all__ = ["random_like", "mean_ci", "StudyState", "study_provenance", "jaccard"]
+
+
+def random_like(selected: NeuronSet, n_neurons: int, seed: int, exclude: NeuronSet | None = None) -> NeuronSet:
+    """Random neurons with the same count per layer as ``selected``, avoiding ``exclude`` (default: ``selected``)."""
+    rng = np.random.default_rng(seed)
+    avoid = exclude if exclude is not None else selected
+    avoid_by_layer = avoid.by_layer()
+    pairs: list[tuple[int, int]] = []
+    for layer, neurons in selected.by_layer().items():
+        pool = np.setdiff1d(np.arange(n_neurons), np.array(avoid_by_layer.get(layer, []), dtype=int))
+        if len(pool) < len(neurons):  # the layer is (almost) fully selected: allow overlap
+            pool = np.arange(n_neurons)
+        chosen = rng.choice(pool, size=len(neurons), replace=False)
+        pairs.extend((layer, int(j)) for j in chosen)
+    return NeuronSet(tuple(pairs), selected.component)
+
+
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a Student-t confidence interval (degenerate for fewer than 2 values)."""
+    arr = np.asarray(values, dtype=float)
+    if arr.size == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = float(arr.mean())
+    if arr.size < 2:
+        return (mean, mean, mean)
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, arr.size - 1) * arr.std(ddof=1) / math.sqrt(arr.size))
+    return (mean, mean - half, mean + half)
+
+
+def jaccard(a: NeuronSet, b: NeuronSet) -> float:
+    sa, sb = set(a.pairs), set(b.pairs)
+    union = len(sa | sb)
+    return len(sa & sb) / union if union else math.nan
+
+
+class StudyState:
+    """A JSON dictionary of finished work, rewritten atomically after every ``put``: reruns skip it."""
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path = path
+        self.fingerprint = fingerprint
+        self.data: dict[str, Any] = {}
+        if path.exists():
+            stored = json.loads(path.read_text())
+            if stored.get("fingerprint") == fingerprint:
+                self.data = stored.get("data", {})
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    def put(self, key: str, value: Any) -> Any:
+        self.data[key] = value
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data})
+        return value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+
+def study_provenance(lm: Any, *, seed: int, dataset_sha256: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    from neuronatlas import __version__
+
+    import torch
+    import transformers
+
+    return {
+        "model": lm.provenance,
+        "dataset_sha256": dataset_sha256,
+        "seed": seed,
+        "neuronatlas_version": __version__,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} cores)".strip(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+    }
