@@ -45,10 +45,14 @@ class TargetScores:
     first_logprob: torch.Tensor    # log p of the target's first token
     first_rank: torch.Tensor       # rank of the first token (0 = the model's top choice)
     n_tokens: torch.Tensor         # (prompts,) target length in tokens
+    head_correct: torch.Tensor     # greedy decoding yields every target token up to the first informative one
+    exact: torch.Tensor            # greedy decoding yields the whole target (teacher-forced ranks all 0)
 
     @property
     def first_correct(self) -> torch.Tensor:
-        return self.first_rank == 0
+        """First-token accuracy; a leading token with no letter or digit (" ", " +", " .") does not
+        count alone: the tokens up to the first one with a letter or digit must all be greedy."""
+        return self.head_correct
 
 
 def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], *,
@@ -67,6 +71,9 @@ def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[s
     logprob = torch.zeros(c_total, n)
     first_lp = torch.zeros(c_total, n)
     first_rank = torch.zeros(c_total, n, dtype=torch.long)
+    head = torch.zeros(c_total, n, dtype=torch.bool)
+    exact = torch.zeros(c_total, n, dtype=torch.bool)
+    head_len = torch.tensor([_informative_length(lm, t) for t in t_ids])
     for rows in batches(n, batch_size):
         seqs = [p_ids[i] + t_ids[i] for i in rows]
         batch = pad_ids(lm, seqs, "left")
@@ -93,10 +100,23 @@ def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[s
             idx = torch.tensor(list(rows))
             logprob[sl, idx] = lps.sum(-1)
             first_lp[sl, idx] = lps[..., 0]
-            first_rank[sl, idx] = (at[:, :, 0, :] > lps[..., :1]).sum(-1)
+            ranks = (at > lps[..., None]).sum(-1)                       # (G, B, Tmax)
+            first_rank[sl, idx] = ranks[..., 0]
+            wrong = (ranks > 0) & valid[None]
+            upto = torch.arange(keep - 1)[None, :] < head_len[idx][:, None]
+            head[sl, idx] = ~(wrong & upto[None]).any(-1)
+            exact[sl, idx] = ~wrong.any(-1)
         if progress:
             progress(len(rows))
-    return TargetScores(logprob, first_lp, first_rank, torch.tensor([len(t) for t in t_ids]))
+    return TargetScores(logprob, first_lp, first_rank, torch.tensor([len(t) for t in t_ids]), head, exact)
+
+
+def _informative_length(lm: LoadedModel, ids: Sequence[int]) -> int:
+    """Number of target tokens up to and including the first one with a letter or digit."""
+    for i in range(len(ids)):
+        if any(ch.isalnum() for ch in lm.tokenizer.decode([ids[i]])):
+            return i + 1
+    return len(ids)
 
 
 def _groups(conds: list[Condition], max_rows: int, batch_rows: int) -> list[tuple[int, list[Condition]]]:

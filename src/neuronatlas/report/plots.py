@@ -46,7 +46,10 @@ def line_with_bands(path: str | Path, x: Sequence[float], series: Mapping[str, S
         ax.plot(x, mean, marker="o", ms=3, label=name, color=color, ls="--" if name in dashed else "-")
         if lo is not None and hi is not None:
             ax.fill_between(x, lo, hi, alpha=0.2, color=color)
-    if logx:
+    finite = any(np.isfinite(np.asarray(m, dtype=float)).any() for m, _, _ in series.values())
+    if not finite:
+        ax.text(0.5, 0.5, "no data (no known facts to evaluate)", ha="center", va="center", transform=ax.transAxes)
+    elif logx and min(x) > 0:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -1,0 +1,101 @@
+"""Relation study: baselines, matrices and statistics against hand computations; a miniature run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from neuronatlas.intervene import NeuronSet
+from neuronatlas.models.tiny import tiny_model
+from neuronatlas.store import Atlas
+from neuronatlas.studies.common import jaccard, mean_ci, random_like
+from neuronatlas.studies.relations import RelationStudyConfig, run_relation_study
+from neuronatlas.studies.relations_report import summarise
+
+
+def test_random_baseline_matches_layers_and_avoids_selected():
+    sel = NeuronSet.of([(0, 1), (0, 2), (3, 5), (3, 6), (3, 7)])
+    for seed in range(5):
+        rnd = random_like(sel, n_neurons=20, seed=seed)
+        assert {k: len(v) for k, v in rnd.by_layer().items()} == {0: 2, 3: 3}
+        assert not set(rnd.pairs) & set(sel.pairs)
+    assert random_like(sel, 20, seed=1) == random_like(sel, 20, seed=1)
+    assert random_like(sel, 20, seed=1) != random_like(sel, 20, seed=2)
+
+
+def test_jaccard_and_ci_by_hand():
+    a, b = NeuronSet.of([(0, 1), (0, 2), (1, 1)]), NeuronSet.of([(0, 2), (1, 1), (2, 2)])
+    assert jaccard(a, b) == pytest.approx(2 / 4)
+    m, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert m == 2.0 and lo == pytest.approx(2 - 4.302652729911275 * 1 / np.sqrt(3))
+    assert mean_ci([0.5])[1] == 0.5
+
+
+def _fake_results():
+    """Two relations, 4 facts each, seeds=2, grid (0.5, 1.0), 2 selected neurons each."""
+    base = {"a": {"correct": [1, 1, 0, 0], "exact": [1, 0, 0, 0], "logprob": [-1, -1, -3, -3]},
+            "b": {"correct": [1, 1, 1, 0], "exact": [1, 1, 1, 0], "logprob": [-1, -1, -1, -4]}}
+
+    def e(c, lp):
+        return {"correct": c, "exact": c, "logprob": lp}
+
+    raw = {
+        "a": {"baseline": base["a"], "deact:a": e([0, 0, 0, 0], [-5, -5, -5, -5]), "deact:b": e([1, 1, 1, 0], [-1, -1, -2, -3]),
+              "rand:a:0": e([1, 1, 0, 0], [-1, -1, -3, -3]), "rand:a:1": e([1, 0, 0, 0], [-1, -2, -3, -3]),
+              "rand:b:0": e([1, 1, 0, 0], [-1, -1, -3, -3]), "rand:b:1": e([1, 1, 0, 0], [-1, -1, -3, -3]),
+              "cum:0.5": e([1, 0, 0, 0], [-2, -3, -4, -4]), "cumrand:0.5:0": e([1, 1, 0, 0], [-1, -1, -3, -3]),
+              "cumrand:0.5:1": e([1, 1, 0, 0], [-1, -1, -3, -3])},
+        "b": {"baseline": base["b"], "deact:b": e([0, 1, 0, 0], [-4, -1, -4, -4]), "deact:a": e([1, 1, 1, 0], [-1, -1, -1, -4]),
+              "rand:a:0": e([1, 1, 1, 0], [-1, -1, -1, -4]), "rand:a:1": e([1, 1, 1, 0], [-1, -1, -1, -4]),
+              "rand:b:0": e([1, 1, 1, 0], [-1, -1, -1, -4]), "rand:b:1": e([1, 1, 0, 0], [-1, -1, -2, -4]),
+              "cum:0.5": e([1, 1, 0, 0], [-1, -1, -3, -4]), "cumrand:0.5:0": e([1, 1, 1, 0], [-1, -1, -1, -4]),
+              "cumrand:0.5:1": e([1, 1, 1, 0], [-1, -1, -1, -4])},
+    }
+    return {"config": {"seeds": 2, "grid": [0.5, 1.0], "min_known": 1}, "baseline": base, "raw": raw,
+            "evaluated_relations": ["a", "b"], "n_layers": 4,
+            "selected": {"a": [[1, 0], [2, 3]], "b": [[1, 0], [3, 1]]}}
+
+
+def test_summary_tables_by_hand():
+    s = summarise(_fake_results())
+    cum_a = s["cumulativity"]["a"]
+    # known facts of a: the first two. 50%: 1 neuron, accuracy 1/2; random 1.0 and 1.0
+    assert cum_a[0]["n_neurons"] == 1 and cum_a[0]["acc_selected"] == 0.5 and cum_a[0]["acc_random"] == 1.0
+    # 100% reuses deact:a (0/2) and rand:a:* (1.0, 0.5)
+    assert cum_a[1]["acc_selected"] == 0.0 and cum_a[1]["acc_random"] == 0.75
+    cd = s["cross_deactivation"]
+    m = np.array(cd["delta_acc_all"])
+    assert m[0, 0] == pytest.approx(0 - 0.5)          # deactivate a, evaluate a (all facts)
+    assert m[1, 0] == pytest.approx(0.75 - 0.5)       # deactivate b raises a: interference
+    assert m[0, 1] == pytest.approx(0.75 - 0.75)
+    assert m[1, 1] == pytest.approx(0.25 - 0.75)
+    assert [(d["deactivated"], d["evaluated"]) for d in s["interference"]] == [("b", "a")]
+    assert s["overlap"]["jaccard"][0][1] == pytest.approx(1 / 3)
+    assert s["layers"]["a"] == [0, 1, 1, 0]
+
+
+def test_miniature_study_on_tiny_model(tmp_path):
+    lm = tiny_model("llama")
+    cfg = RelationStudyConfig(relations=("country_capital", "country_language", "country_continent"), langs=("en", "de"),
+                              max_identify_facts=6, max_test_facts=5, seeds=2, grid=(0.5, 1.0), min_known=0,
+                              select_n=8, batch_size=8, cumulativity_on="all")
+    res = run_relation_study(lm, tmp_path / "study", cfg)
+    assert set(res["evaluated_relations"]) == {"country_capital", "country_language", "country_continent"}
+    saved = json.loads((tmp_path / "study/results.json").read_text())
+    assert saved["summary"]["cross_deactivation"]["relations"] == res["evaluated_relations"]
+    assert len(saved["selected"]["country_capital"]) == 8
+    for name in ("report.html", "overlap.png", "layers.png", "cross_deactivation.png", "cumulativity_country_capital.png"):
+        assert (tmp_path / "study" / name).stat().st_size > 0
+    html = (tmp_path / "study/report.html").read_text()
+    assert "Cumulativity" in html and res["findings"]["layers"][:20] in html
+    atlas = Atlas.open(tmp_path / "study/atlas")
+    sel = atlas.query("SELECT concept, count(*) AS n FROM selections GROUP BY concept ORDER BY concept").to_pylist()
+    assert {r["concept"] for r in sel} >= {"country_capital", "country_continent@de", "country_language@de"} and all(r["n"] == 8 for r in sel)
+    assert atlas.manifest()["studies"]["relations"]["path"] == "studies/relations"
+    # a rerun reuses the record and every finished condition
+    again = run_relation_study(lm, tmp_path / "study", cfg)
+    assert json.dumps(again["summary"], sort_keys=True) == json.dumps(res["summary"], sort_keys=True)
+    assert not np.isnan(res["summary"]["cumulativity"]["country_capital"][0]["acc_selected"])
+    assert again["provenance"]["record_fingerprint"] == res["provenance"]["record_fingerprint"]
