@@ -45,8 +45,9 @@ def _fake_results():
         "a": {"baseline": base["a"], "deact:a": e([0, 0, 0, 0], [-5, -5, -5, -5]), "deact:b": e([1, 1, 1, 0], [-1, -1, -2, -3]),
               "rand:a:0": e([1, 1, 0, 0], [-1, -1, -3, -3]), "rand:a:1": e([1, 0, 0, 0], [-1, -2, -3, -3]),
               "rand:b:0": e([1, 1, 0, 0], [-1, -1, -3, -3]), "rand:b:1": e([1, 1, 0, 0], [-1, -1, -3, -3]),
-              "cum:0.5": e([1, 0, 0, 0], [-2, -3, -4, -4]), "cumrand:0.5:0": e([1, 1, 0, 0], [-1, -1, -3, -3]),
-              "cumrand:0.5:1": e([1, 1, 0, 0], [-1, -1, -3, -3])},
+              # cumulativity conditions are evaluated on the known facts only (idx 0 and 1)
+              "cum:0.5": {**e([1, 0], [-2, -3]), "idx": [0, 1]}, "cumrand:0.5:0": {**e([1, 1], [-1, -1]), "idx": [0, 1]},
+              "cumrand:0.5:1": {**e([1, 1], [-1, -1]), "idx": [0, 1]}},
         "b": {"baseline": base["b"], "deact:b": e([0, 1, 0, 0], [-4, -1, -4, -4]), "deact:a": e([1, 1, 1, 0], [-1, -1, -1, -4]),
               "rand:a:0": e([1, 1, 1, 0], [-1, -1, -1, -4]), "rand:a:1": e([1, 1, 1, 0], [-1, -1, -1, -4]),
               "rand:b:0": e([1, 1, 1, 0], [-1, -1, -1, -4]), "rand:b:1": e([1, 1, 0, 0], [-1, -1, -2, -4]),
@@ -63,6 +64,7 @@ def test_summary_tables_by_hand():
     cum_a = s["cumulativity"]["a"]
     # known facts of a: the first two. 50%: 1 neuron, accuracy 1/2; random 1.0 and 1.0
     assert cum_a[0]["n_neurons"] == 1 and cum_a[0]["acc_selected"] == 0.5 and cum_a[0]["acc_random"] == 1.0
+    assert cum_a[0]["delta_logprob_selected"] == pytest.approx(((-2 + 1) + (-3 + 1)) / 2)
     # 100% reuses deact:a (0/2) and rand:a:* (1.0, 0.5)
     assert cum_a[1]["acc_selected"] == 0.0 and cum_a[1]["acc_random"] == 0.75
     cd = s["cross_deactivation"]

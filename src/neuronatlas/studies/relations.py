@@ -50,8 +50,8 @@ class RelationStudyConfig:
     relations: tuple[str, ...] | None = None     # None: every relation in the facts
     langs: tuple[str, ...] = ("en", "de", "fr", "es")
     eval_lang: str = "en"                        # language whose held-out facts are evaluated
-    max_identify_facts: int = 40                 # facts per relation and language used to find neurons
-    max_test_facts: int = 40                     # held-out facts evaluated per relation
+    max_identify_facts: int = 30                 # facts per relation and language used to find neurons
+    max_test_facts: int = 30                     # held-out facts evaluated per relation
     n_test: int = 50                             # held-out facts per relation in the split
     few_shot: int = 0                            # demonstrations prefixed to evaluation prompts
     site: Literal["mlp", "gate"] = "mlp"
@@ -226,18 +226,20 @@ def run_relation_study(lm: LoadedModel, out_dir: str | Path, config: RelationStu
             return Clamp(ns, tuple(medians.get(key, {}).get(p, 0.0) for p in ns.pairs))
         return Ablate(ns)
 
-    def evaluate(rel: str, conds: dict[str, Any]) -> dict[str, dict[str, list]]:
+    def evaluate(rel: str, conds: dict[str, Any], idx: list[int] | None = None) -> dict[str, dict[str, list]]:
+        """Evaluate conditions on test facts ``idx`` of ``rel`` (default all); finished ones come from the state."""
+        idx = list(range(len(eval_prompts[rel]))) if idx is None else idx
         todo = {k: v for k, v in conds.items() if f"{rel}|{k}" not in state}
-        if todo:
+        if todo and idx:
             keys = list(todo)
-            scores_ = target_logprobs(lm, eval_prompts[rel], [r["target"] for r in test_rows[rel]],
+            scores_ = target_logprobs(lm, [eval_prompts[rel][i] for i in idx], [test_rows[rel][i]["target"] for i in idx],
                                       conditions=[todo[k] for k in keys], batch_size=config.batch_size)
-            counter["forward_rows"] += len(keys) * len(eval_prompts[rel])
+            counter["forward_rows"] += len(keys) * len(idx)
             for i, k in enumerate(keys):
-                state.put(f"{rel}|{k}", {"correct": scores_.first_correct[i].int().tolist(),
+                state.put(f"{rel}|{k}", {"idx": idx, "correct": scores_.first_correct[i].int().tolist(),
                                          "exact": scores_.exact[i].int().tolist(),
                                          "logprob": [round(v, 5) for v in scores_.logprob[i].tolist()]})
-        return {k: state.get(f"{rel}|{k}") for k in conds}
+        return {k: state.get(f"{rel}|{k}") or {"idx": [], "correct": [], "exact": [], "logprob": []} for k in conds}
 
     bar = progress("baseline recall", len(test_rows)) if progress else None
     baseline: dict[str, dict[str, list]] = {}
@@ -253,28 +255,34 @@ def run_relation_study(lm: LoadedModel, out_dir: str | Path, config: RelationStu
         conditions[f"deact:{r}"] = (deactivate(full, r),)
         for s in range(config.seeds):
             conditions[f"rand:{r}:{s}"] = (deactivate(random_like(full, N, seed=config.seed + 1000 * s + 1), r),)
-    per_rel: dict[str, dict[str, Any]] = {}
+    per_rel: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}   # (on all test facts, cumulativity)
     for r in eval_rels:
         conds = dict(conditions)
+        cum: dict[str, Any] = {}
         order = [selected[r].pairs[i] for i in _rank_order(selected[r], scores[r], N)]
         for frac in config.grid:
             n = max(1, math.ceil(frac * len(order)))
+            if n >= len(order):  # the full set is already evaluated as deact:r / rand:r:s
+                continue
             sub = NeuronSet.of(order[:n], config.site)
-            conds[f"cum:{frac}"] = (deactivate(sub, r),)
+            cum[f"cum:{frac}"] = (deactivate(sub, r),)
             for s in range(config.seeds):
-                conds[f"cumrand:{frac}:{s}"] = (deactivate(random_like(sub, N, seed=config.seed + 1000 * s + 1), r),)
+                cum[f"cumrand:{frac}:{s}"] = (deactivate(random_like(sub, N, seed=config.seed + 1000 * s + 1), r),)
         for other in sorted(selected):  # the same relation's neurons found in other languages
             if other.startswith(f"{r}@"):
                 conds[f"deact:{other}"] = (deactivate(selected[other], other),)
-        per_rel[r] = conds
-    total = sum(len(c) for c in per_rel.values())
+        per_rel[r] = (conds, cum)
+    total = sum(len(a) + len(b) for a, b in per_rel.values())
     bar = progress("deactivation conditions", total) if progress else None
     results_by_rel: dict[str, dict[str, dict[str, list]]] = {}
     with (bar if bar is not None else _null()) as update:
         done = 0
         for r in eval_rels:
-            results_by_rel[r] = evaluate(r, per_rel[r])
-            done += len(per_rel[r])
+            conds, cum = per_rel[r]
+            results_by_rel[r] = {"baseline": baseline[r], **evaluate(r, conds)}
+            cum_idx = [i for i, c in enumerate(baseline[r]["correct"]) if c] if config.cumulativity_on == "known" else None
+            results_by_rel[r].update(evaluate(r, cum, cum_idx))
+            done += len(conds) + len(cum)
             if update:
                 update(done)
 

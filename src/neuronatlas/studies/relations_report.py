@@ -23,9 +23,12 @@ __all__ = ["summarise", "write_outputs"]
 
 
 def _acc(entry: Mapping[str, list], mask: np.ndarray | None = None, key: str = "correct") -> float:
+    """Mean of ``key`` over the facts in ``mask`` (a mask over all test facts; entries evaluated on a
+    subset carry the subset's indices in ``idx``)."""
     v = np.asarray(entry[key], dtype=float)
     if mask is not None:
-        v = v[mask]
+        idx = entry.get("idx")
+        v = v[np.asarray(mask)[idx]] if idx is not None and len(idx) == len(v) else v[mask]
     return float(v.mean()) if v.size else math.nan
 
 
@@ -72,7 +75,9 @@ def _summarise(results: dict[str, Any]) -> dict[str, Any]:
             acc_sel = _acc(sel_raw, mask)
             rand_accs = [_acc(raw[r][k], mask) for k in rand_keys if k in raw[r]]
             m, lo, hi = mean_ci(rand_accs)
-            diff = np.asarray(sel_raw["logprob"])[mask] - np.asarray(base[r]["logprob"])[mask]
+            sel_idx = np.asarray(sel_raw.get("idx", range(len(sel_raw["logprob"]))), dtype=int)
+            keep = np.asarray(mask)[sel_idx]
+            diff = np.asarray(sel_raw["logprob"])[keep] - np.asarray(base[r]["logprob"])[sel_idx][keep]
             drop_lp = float(diff.mean()) if diff.size else math.nan
             rows.append({"fraction": frac, "n_neurons": n, "acc_selected": acc_sel, "acc_random": m,
                          "acc_random_lo": lo, "acc_random_hi": hi, "delta_logprob_selected": drop_lp})
