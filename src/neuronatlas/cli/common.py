@@ -50,8 +50,11 @@ def emit(data: Any, as_json: bool, render: Callable[[Any], None] | None = None) 
 
 
 def load_model_cli(model: str, dtype: str = "float32", device: str = "cpu", quiet: bool = False) -> Any:
+    from transformers.utils import logging as hf_logging
+
     from neuronatlas.models import load_model
 
+    hf_logging.disable_progress_bar()  # HF's per-tensor loading bars; ours show the real work
     if not quiet:
         err_console.print(f"[dim]loading model {model!r}...[/dim]")
     return load_model(model, dtype=dtype, device=device)  # type: ignore[arg-type]

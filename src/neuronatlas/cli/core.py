@@ -58,6 +58,8 @@ def record_cmd(
     text_field: str = "text",
     skip_bad: Annotated[bool, typer.Option(help="skip malformed rows (and report how many) instead of failing")] = False,
     force: Annotated[bool, typer.Option(help="discard an existing record or checkpoint of this name")] = False,
+    pooled: Annotated[bool, typer.Option(help="keep per-prompt pooled responses (prompts x neurons, needed by AP "
+                                          "scorers); --no-pooled keeps memory independent of corpus length")] = True,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
     """Record per-label neuron statistics, pooled responses and top-k exemplars into an atlas (resumable)."""
@@ -67,7 +69,7 @@ def record_cmd(
     prompts = load_prompts(data, text_field=text_field, label_field=label_field, skip_bad=skip_bad)
     lm = load_model_cli(model, dtype, device, quiet=as_json)
     config = RecordConfig(component=site, pool=pool, top_k=top_k, batch_size=batch_size,  # type: ignore[arg-type]
-                          max_length=max_length)
+                          max_length=max_length, keep_pooled=pooled)
     with progress_bar("recording", len(prompts), enabled=not as_json) as update:
         result = record(lm, prompts, out, name=name, config=config, progress=update, force=force)
     counts = result.moments.count.tolist()

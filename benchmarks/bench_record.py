@@ -1,0 +1,133 @@
+"""Recording overhead on the embedded model: bare HF forward vs NeuronAtlas streaming record vs
+keeping all activations (and nnsight / TransformerLens when importable), batched multi-condition
+evaluation vs sequential runs, and peak memory when the corpus grows 10x.
+
+    python benchmarks/bench_record.py --out out/benchmarks/record.json [--prompts 256] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import interleaved, machine, median, run_child, write_json  # noqa: E402
+
+from neuronatlas.data.corpus import default_corpus
+from neuronatlas.data.prompts import PromptSet
+from neuronatlas.evaluate import target_logprobs
+from neuronatlas.intervene import Ablate, NeuronSet
+from neuronatlas.models import load_model
+from neuronatlas.record import RecordConfig, record
+from neuronatlas.record.batching import encode_ids, forward, pad_ids
+from neuronatlas.record.hooks import site_hooks
+
+MEMORY_CHILD = """
+import json, resource, shutil, tempfile
+from neuronatlas.data.corpus import default_corpus
+from neuronatlas.data.prompts import PromptSet
+from neuronatlas.models import load_model
+from neuronatlas.record import RecordConfig, record
+lm = load_model("default")
+docs = default_corpus(n_docs={n}, seed=0)
+ps = PromptSet.from_rows([{{"text": d["text"], "label": d["source"].split(":")[0]}} for d in docs])
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+tmp = tempfile.mkdtemp()
+record(lm, ps, tmp + "/a", config=RecordConfig(batch_size=16, max_length=64, keep_pooled=False, checkpoint_every=10**9))
+shutil.rmtree(tmp)
+print(json.dumps({{"docs": {n}, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "after_load_mb": base}}))
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--prompts", type=int, default=256)
+    ap.add_argument("--max-length", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--memory-docs", type=int, default=100, help="N for the N vs 10N memory check")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    lm = load_model("default")
+    docs = default_corpus(n_docs=args.prompts, seed=0)
+    prompts = PromptSet.from_rows([{"text": d["text"], "label": d["source"].split(":")[0]} for d in docs])
+    ids = encode_ids(lm, [p.text for p in prompts], max_length=args.max_length)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    batches = [pad_ids(lm, [ids[i] for i in order[j:j + 16]]) for j in range(0, len(order), 16)]
+    n_tokens = sum(len(x) for x in ids)
+    tmp = Path(tempfile.mkdtemp())
+
+    def bare() -> None:
+        for b in batches:
+            forward(lm, b)
+
+    def streaming() -> None:
+        record(lm, prompts, tmp / "atlas", config=RecordConfig(batch_size=16, max_length=args.max_length, top_k=20),
+               force=True)
+
+    def keep_all() -> None:
+        kept: list[torch.Tensor] = []
+        with site_hooks(lm, "mlp", observe=lambda layer, h: kept.append(h.detach().clone())):
+            for b in batches:
+                forward(lm, b)
+        del kept
+
+    fns = {"bare_forward": bare, "streaming_record": streaming, "keep_all_activations": keep_all}
+    peers = {}
+    try:
+        import nnsight  # noqa: F401
+        from nnsight import NNsight
+
+        wrapped = NNsight(lm.model)
+
+        def nnsight_save() -> None:
+            for b in batches:
+                with wrapped.trace(b["input_ids"], attention_mask=b["attention_mask"]):
+                    saved = [layer.mlp.down_proj.input.save() for layer in wrapped.model.layers]  # noqa: F841
+
+        fns["nnsight_save_all"] = nnsight_save
+    except Exception as exc:  # not installed, or incompatible with torch 2.13
+        peers["nnsight"] = f"not measured: {type(exc).__name__}: {str(exc)[:160]}"
+    peers.setdefault("transformer_lens", "not measured: TransformerLens has no SmolLM2 support (its issue #924) "
+                     "and loads weights from the hub; see BENCHMARKS.md")
+    forward(lm, batches[0])  # warm-up
+    times = interleaved(fns, args.repeats)
+    med = {k: median(v) for k, v in times.items()}
+    ratios = {k: med[k] / med["bare_forward"] for k in med}
+
+    # batched 8-condition evaluation vs 8 sequential runs
+    facts = [d["text"][:80] for d in docs[:32]]
+    targets = [" the"] * len(facts)
+    conds = [(Ablate(NeuronSet.of([(layer, j) for layer in range(10, 20) for j in range(c * 10, c * 10 + 10)])),)
+             for c in range(8)]
+    cond_times = interleaved({
+        "batched_8": lambda: target_logprobs(lm, facts, targets, conditions=conds, batch_size=32, max_rows=256),
+        "sequential_8": lambda: [target_logprobs(lm, facts, targets, conditions=[c], batch_size=32) for c in conds],
+    }, args.repeats)
+    cond_med = {k: median(v) for k, v in cond_times.items()}
+
+    mem = [run_child(MEMORY_CHILD.format(n=n)) for n in (args.memory_docs, 10 * args.memory_docs)]
+    growth = (mem[1]["peak_mb"] - mem[0]["peak_mb"]) / mem[0]["peak_mb"]
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    result = {
+        "machine": machine(), "prompts": len(prompts), "tokens": n_tokens, "repeats": args.repeats,
+        "median_seconds": med, "ratio_vs_bare_forward": ratios, "tokens_per_second_bare": n_tokens / med["bare_forward"],
+        "peers": peers,
+        "conditions": {"median_seconds": cond_med, "speedup_batched_vs_sequential": cond_med["sequential_8"] / cond_med["batched_8"]},
+        "memory": {"runs": mem, "peak_growth_10x_corpus": growth},
+        "targets": {"streaming_record_le_1.15x": ratios["streaming_record"] <= 1.15, "memory_growth_lt_10pct": growth < 0.10,
+                    "batched_faster": cond_med["batched_8"] < cond_med["sequential_8"]},
+    }
+    print(json.dumps(result, indent=2))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
