@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -52,6 +53,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--memory-docs", type=int, default=100, help="N for the N vs 10N memory check")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--peer-python", default=None, help="python of a venv with nnsight installed beside torch 2.13.0")
     args = ap.parse_args()
 
     lm = load_model("default")
@@ -79,23 +81,19 @@ def main() -> None:
         del kept
 
     fns = {"bare_forward": bare, "streaming_record": streaming, "keep_all_activations": keep_all}
-    peers = {}
-    try:
-        import nnsight  # noqa: F401
-        from nnsight import NNsight
-
-        wrapped = NNsight(lm.model)
-
-        def nnsight_save() -> None:
-            for b in batches:
-                with wrapped.trace(b["input_ids"], attention_mask=b["attention_mask"]):
-                    saved = [layer.mlp.down_proj.input.save() for layer in wrapped.model.layers]  # noqa: F841
-
-        fns["nnsight_save_all"] = nnsight_save
-    except Exception as exc:  # not installed, or incompatible with torch 2.13
-        peers["nnsight"] = f"not measured: {type(exc).__name__}: {str(exc)[:160]}"
-    peers.setdefault("transformer_lens", "not measured: TransformerLens has no SmolLM2 support (its issue #924) "
-                     "and loads weights from the hub; see BENCHMARKS.md")
+    peers: dict[str, object] = {}
+    if args.peer_python:  # nnsight lives in its own venv (it pins other transformers versions)
+        batches_file = tmp / "batches.json"
+        batches_file.write_text(json.dumps([{k: v.tolist() for k, v in b.items()} for b in batches]))
+        proc = subprocess.run([args.peer_python, str(Path(__file__).parent / "peer_nnsight.py"),
+                               lm.provenance["converted_cache"], str(batches_file), str(args.repeats)],
+                              capture_output=True, text=True)
+        peers["nnsight"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                            else f"failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr else proc.returncode}")
+    else:
+        peers["nnsight"] = "not measured: pass --peer-python with an interpreter that has nnsight and torch 2.13.0"
+    peers["transformer_lens"] = ("not measured: TransformerLens cannot load SmolLM2 (no architecture mapping for it, "
+                                 "its issue #924) and its loader fetches configs from the hub")
     forward(lm, batches[0])  # warm-up
     times = interleaved(fns, args.repeats)
     med = {k: median(v) for k, v in times.items()}
