@@ -85,15 +85,13 @@ def main() -> None:
     if args.peer_python:  # nnsight lives in its own venv (it pins other transformers versions)
         batches_file = tmp / "batches.json"
         batches_file.write_text(json.dumps([{k: v.tolist() for k, v in b.items()} for b in batches]))
-        proc = subprocess.run([args.peer_python, str(Path(__file__).parent / "peer_nnsight.py"),
+        proc = subprocess.run([args.peer_python, str(Path(__file__).parent / "peers.py"),
                                lm.provenance["converted_cache"], str(batches_file), str(args.repeats)],
                               capture_output=True, text=True)
-        peers["nnsight"] = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
-                            else f"failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr else proc.returncode}")
+        peers = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0
+                 else {"error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr else str(proc.returncode)})
     else:
-        peers["nnsight"] = "not measured: pass --peer-python with an interpreter that has nnsight and torch 2.13.0"
-    peers["transformer_lens"] = ("not measured: TransformerLens cannot load SmolLM2 (no architecture mapping for it, "
-                                 "its issue #924) and its loader fetches configs from the hub")
+        peers = {"note": "not measured: pass --peer-python with a venv holding nnsight / transformer_lens beside torch 2.13.0"}
     forward(lm, batches[0])  # warm-up
     times = interleaved(fns, args.repeats)
     med = {k: median(v) for k, v in times.items()}
