@@ -10,7 +10,7 @@ percentiles and requests per second. Exit code 1 when any request failed.
 
 Without --atlas it builds one from a small random Llama (30 layers x 1,536 neurons, hidden size 64,
 the tiny test tokenizer) recorded on 240 prompts, then adds tables sized like a real 30 x 1536 model:
-decoded (2.76 M rows: 3 sides x top/bottom x 10 ranks), selections (12 concepts x 460 neurons x 2
+decoded (7.37 M rows: 4 sides x top/bottom x 20 ranks, as `neuronatlas decode` writes), selections (12 concepts x 460 neurons x 2
 methods), explanations (3,000 neurons), corpus exemplars (1,000 neurons x 15 windows of 32 tokens)
 and a study with plots. --workdir keeps it for reuse.
 """
@@ -62,7 +62,8 @@ def build_atlas(root: Path) -> Path:
     model = tf.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float()
     lm = wrap_model(model, tok, name="bench-llama-30x1536", provenance={"seed": 0})
     rng = random.Random(0)
-    words = "capital France Paris Japan Tokyo Berlin Germany Madrid Spain Rome Italy dog cat bird Iron Gold symbol".split()
+    words = ["capital", "France", "Paris", "Japan", "Tokyo", "Berlin", "Germany", "Madrid", "Spain", "Rome", "Italy",
+             "dog", "cat", "bird", "Iron", "Gold", "symbol"]
     rows = [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(5, 14))), "label": c}
             for c in CONCEPTS for _ in range(20)]
     record(lm, PromptSet.from_rows(rows, source="bench"), path, name="facts", config=RecordConfig(top_k=20,
@@ -71,7 +72,7 @@ def build_atlas(root: Path) -> Path:
     vocab = np.array(tok.convert_ids_to_tokens(list(range(len(tok)))), dtype=object)
     g = np.random.default_rng(0)
     n = LAYERS * NEURONS
-    sides, directions, ranks = ["out", "in_up", "in_gate"], ["top", "bottom"], 10
+    sides, directions, ranks = ["out", "out_normed", "in_up", "in_gate"], ["top", "bottom"], 20
     per = len(sides) * len(directions) * ranks
     ids = g.integers(2, len(vocab), size=n * per)
     score = g.normal(size=n * per).astype(np.float32)
@@ -285,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
+    ap.add_argument("--sequential", type=int, default=200,
+                    help="first send this many requests from one client, for latencies without queueing")
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="raw: keep-alive HTTP/1.1 over asyncio streams (cheap, so the 2-core box measures the "
                          "server); httpx: httpx.AsyncClient")
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         mix = [(k, u.replace("{slug}", slug)) for k, u in request_mix(args.requests)]
         warm = [(k, u.replace("{slug}", slug)) for k, u in request_mix(50, seed=1)]
         asyncio.run(_run(base, warm, min(10, args.concurrency), args.timeout, args.client))  # warm caches
+        seq = asyncio.run(_run(base, [(k, u.replace("{slug}", slug)) for k, u in request_mix(args.sequential, seed=2)],
+                               1, args.timeout, args.client)) if args.sequential else None
         cpu0 = _cpu_seconds(server.pid)
         res = asyncio.run(_run(base, mix, args.concurrency, args.timeout, args.client))
         server_cpu = _cpu_seconds(server.pid) - cpu0
@@ -355,11 +360,16 @@ def main(argv: list[str] | None = None) -> int:
                                          "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "note": "client and server share this machine; one uvicorn worker",
     }
+    if seq is not None:
+        one = [t for _, t in seq["lat"]]
+        summary["sequential"] = {"requests": len(one), "errors": len(seq["errors"]), "p50_ms": round(_pct(one, 50), 1),
+                                 "p95_ms": round(_pct(one, 95), 1), "p99_ms": round(_pct(one, 99), 1),
+                                 "requests_per_s": round(len(one) / seq["wall"], 1)}
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    return 1 if res["errors"] else 0
+    return 1 if res["errors"] or (seq is not None and seq["errors"]) else 0
 
 
 if __name__ == "__main__":

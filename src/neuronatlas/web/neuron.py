@@ -1,0 +1,212 @@
+"""The neuron page: statistics per label, decoded tokens, exemplars, explanation, selections.
+
+Each section is read with one parameterised query and appears only when the atlas has the table and
+rows for this neuron.
+
+    >>> from neuronatlas.web.data import Library
+    >>> from neuronatlas.web.neuron import neuron_context
+    >>> ctx = neuron_context(Library(["my-atlas"]).get("my-atlas"), layer=12, neuron=345)
+    >>> sorted(k for k, v in ctx["sections"].items() if v)       # ['decoded', 'stats', ...]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from neuronatlas.web.data import AtlasView, concept_key
+from neuronatlas.web.render import bar_chart_svg
+
+__all__ = ["neuron_context", "token_spans"]
+
+ALL_LABEL = "__all__"
+_SIDE_ORDER = ["out", "out_normed", "in_up", "in_gate", "in"]
+_SIDE_NAMES = {"out": "output (W_U · down-proj column)", "out_normed": "output, final norm folded in",
+               "in_up": "input (W_U · up-proj row)", "in_gate": "input (W_U · gate-proj row)",
+               "in": "input (W_U · input row)"}
+MAX_DECODED_RANK = 20
+MAX_EXEMPLARS = 20
+WINDOW_BEFORE, WINDOW_AFTER = 24, 8
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def token_spans(tokens: Sequence[Any], acts: Sequence[Any] | None = None, *, focus: int | None = None,
+                focus_act: Any = None) -> list[dict[str, Any]]:
+    """Tokens as dicts ``{text, act, focus}`` for the ``tokens`` template macro.
+
+    With ``acts`` every token carries its activation; otherwise only the ``focus`` token does.
+    Long sequences are cut to a window around ``focus`` (marked by ``{"gap": True}`` items).
+    """
+    n = len(tokens)
+    lo, hi = 0, n
+    if focus is not None and n > WINDOW_BEFORE + WINDOW_AFTER + 1:
+        lo, hi = max(0, focus - WINDOW_BEFORE), min(n, focus + WINDOW_AFTER + 1)
+    out: list[dict[str, Any]] = [{"gap": True}] if lo > 0 else []
+    for i in range(lo, hi):
+        act = _finite(acts[i]) if acts is not None and i < len(acts) else (_finite(focus_act) if i == focus else None)
+        out.append({"text": tokens[i], "act": act, "focus": i == focus, "gap": False})
+    if hi < n:
+        out.append({"gap": True})
+    return out
+
+
+def _stats(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not view.has("stats", "label", "layer", "neuron"):
+        return []
+    cols = ["record", "site", "label", "n_tokens", "n_prompts", "mean", "var", "max", "act_prob"]
+    rows = view.rows(f"SELECT {view.select('stats', cols)} FROM stats WHERE layer = ? AND neuron = ?",
+                     [layer, neuron])
+    records = view.manifest().get("records", {})
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((str(r["record"]), str(r["site"])), []).append(r)
+    out = []
+    for (rec, site), items in sorted(groups.items()):
+        order = {lab: i for i, lab in enumerate((records.get(rec) or {}).get("labels") or [])}
+        items.sort(key=lambda r: (r["label"] == ALL_LABEL, order.get(r["label"], len(order)), str(r["label"])))
+        total = next((r for r in items if r["label"] == ALL_LABEL), None)
+        base_mean = _finite(total["mean"]) if total else None
+        base_std = math.sqrt(max(_finite(total["var"]) or 0.0, 0.0)) if total else 0.0
+        for r in items:
+            var = _finite(r["var"])
+            r["std"] = math.sqrt(var) if var is not None and var >= 0 else None
+            mean = _finite(r["mean"])
+            r["z"] = ((mean - base_mean) / base_std if mean is not None and base_mean is not None and base_std > 0
+                      and r["label"] != ALL_LABEL else None)
+        chart = bar_chart_svg([("all tokens" if r["label"] == ALL_LABEL else str(r["label"]), _finite(r["mean"]))
+                               for r in items], title=f"mean activation per label ({rec}, {site})")
+        out.append({"record": rec, "site": site, "rows": items, "chart": chart})
+    return out
+
+
+def _decoded(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not view.has("decoded", "layer", "neuron", "side", "direction", "token"):
+        return []
+    tokens = view.tokens
+    if tokens is not None:  # the in-memory copy: token ids, spelled from the cached vocabulary
+        rows = view.rows("SELECT side::VARCHAR AS side, direction::VARCHAR AS direction, rank, tid, score "
+                         "FROM _decoded_by_neuron WHERE layer = ? AND neuron = ? ORDER BY side, direction, rank",
+                         [layer, neuron])
+        for r in rows:
+            r["token"] = tokens[r.pop("tid")]
+    else:
+        rows = view.rows(f"SELECT {view.select('decoded', ['side', 'direction', 'rank', 'token', 'score'])} "
+                         "FROM decoded WHERE layer = ? AND neuron = ? ORDER BY side, direction, rank, score DESC",
+                         [layer, neuron])
+    sides: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in rows:
+        lst = sides.setdefault(str(r["side"]), {"top": [], "bottom": []}).setdefault(str(r["direction"]), [])
+        if len(lst) < MAX_DECODED_RANK:
+            lst.append(r)
+    order = {s: i for i, s in enumerate(_SIDE_ORDER)}
+    return [{"side": s, "name": _SIDE_NAMES.get(s, s), "top": d.get("top", []), "bottom": d.get("bottom", [])}
+            for s, d in sorted(sides.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))]
+
+
+def _record_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not view.has("exemplars", "layer", "neuron", "prompt_id", "position"):
+        return []
+    cols = ["record", "rank", "prompt_id", "position", "activation", "token"]
+    rows = view.rows(f"SELECT {view.select('exemplars', cols)} FROM exemplars WHERE layer = ? AND neuron = ? "
+                     "AND coalesce(rank, 0) < ? ORDER BY record, rank, activation DESC",
+                     [layer, neuron, MAX_EXEMPLARS])
+    if not rows:
+        return []
+    prompts: dict[tuple[str, int], dict[str, Any]] = {}
+    if view.has("prompts", "prompt_id", "tokens"):
+        ids = sorted({int(r["prompt_id"]) for r in rows})
+        for row in view.rows(f"SELECT {view.select('prompts', ['record', 'prompt_id', 'label', 'tokens', 'text'])} "
+                             "FROM prompts WHERE list_contains(?::BIGINT[], prompt_id)", [ids]):
+            prompts[(str(row["record"]), int(row["prompt_id"]))] = row
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r["record"]), []).append(r)
+    out = []
+    for rec, items in groups.items():
+        scale = max((abs(v) for v in (_finite(r["activation"]) for r in items) if v is not None), default=0.0)
+        for r in items:
+            p: dict[str, Any] | None = prompts.get((rec, int(r["prompt_id"])))
+            tokens = list(p["tokens"]) if p and p.get("tokens") is not None else [r["token"]]
+            pos = int(r["position"]) if p and p.get("tokens") is not None else 0
+            r["label"] = p.get("label") if p else None
+            r["spans"] = token_spans(tokens, focus=pos if 0 <= pos < len(tokens) else None,
+                                     focus_act=r["activation"])
+        out.append({"record": rec, "scale": scale, "rows": items})
+    return out
+
+
+def _corpus_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not view.has("corpus_exemplars", "layer", "neuron", "window_tokens"):
+        return []
+    cols = ["kind", "rank", "doc_id", "position", "activation", "window_start", "window_tokens", "window_acts"]
+    rows = view.rows(f"SELECT {view.select('corpus_exemplars', cols)} FROM corpus_exemplars "
+                     "WHERE layer = ? AND neuron = ? AND coalesce(rank, 0) < ? ORDER BY kind DESC, rank",
+                     [layer, neuron, MAX_EXEMPLARS])
+    if not rows:
+        return []
+    scale = 0.0
+    for r in rows:
+        for a in list(r["window_acts"] or []) + [r["activation"]]:
+            v = _finite(a)
+            if v is not None:
+                scale = max(scale, abs(v))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        tokens = list(r["window_tokens"] or [])
+        start = r["window_start"] if r["window_start"] is not None else 0
+        focus = int(r["position"]) - int(start) if r["position"] is not None else None
+        r["spans"] = token_spans(tokens, list(r["window_acts"] or []),
+                                 focus=focus if focus is not None and 0 <= focus < len(tokens) else None)
+        groups.setdefault(str(r["kind"]), []).append(r)
+    return [{"kind": k, "rows": groups[k], "scale": scale} for k in sorted(groups, key=lambda k: (k != "top", k))]
+
+
+def _explanations(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not view.has("explanations", "layer", "neuron", "explanation"):
+        return []
+    cols = ["site", "explanation", "explainer", "score", "baseline_score", "pmi", "candidates",
+            "causal_delta_exemplars", "causal_delta_random"]
+    return view.rows(f"SELECT {view.select('explanations', cols)} FROM explanations WHERE layer = ? AND neuron = ? "
+                     "ORDER BY score DESC NULLS LAST", [layer, neuron])
+
+
+def _selections(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not view.has("selections", "layer", "neuron", "concept"):
+        return []
+    cols = ["study", "concept", "method", "site", "score", "rank"]
+    rows = view.rows(f"SELECT {view.select('selections', cols)} FROM selections WHERE layer = ? AND neuron = ? "
+                     "ORDER BY study, concept, method", [layer, neuron])
+    for r in rows:
+        r["key"] = concept_key(str(r["concept"]))
+    return rows
+
+
+def neuron_context(view: AtlasView, layer: int, neuron: int) -> dict[str, Any]:
+    """Everything the neuron page shows (raises NotFound for a neuron outside the atlas)."""
+    view.check_neuron(layer, neuron)
+    dims = view.dims() or (0, 0)
+    sections = {
+        "stats": _stats(view, layer, neuron),
+        "decoded": _decoded(view, layer, neuron),
+        "exemplars": _record_exemplars(view, layer, neuron),
+        "corpus": _corpus_exemplars(view, layer, neuron),
+        "explanations": _explanations(view, layer, neuron),
+        "selections": _selections(view, layer, neuron),
+    }
+    prev = (layer, neuron - 1) if neuron > 0 else ((layer - 1, dims[1] - 1) if layer > 0 else None)
+    nxt = (layer, neuron + 1) if neuron + 1 < dims[1] else ((layer + 1, 0) if layer + 1 < dims[0] else None)
+    missing = [name for name, table in (("statistics", "stats"), ("decoded tokens", "decoded"),
+                                        ("record exemplars", "exemplars"), ("corpus exemplars", "corpus_exemplars"),
+                                        ("explanations", "explanations"), ("selections", "selections"))
+               if not view.has(table)]
+    return {"atlas": view, "slug": view.slug, "layer": layer, "neuron": neuron, "dims": dims, "sections": sections,
+            "prev": prev, "next": nxt, "missing": missing, "title": f"L{layer}/{neuron}",
+            "empty": not any(sections.values())}
