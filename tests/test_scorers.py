@@ -19,8 +19,11 @@ def test_ap_matches_sklearn_with_ties():
     x[:, 4] = 1.0                         # all tied
     y = rng.random(60) < 0.3
     ours = average_precision(torch.from_numpy(x), torch.from_numpy(y), chunk=3)
+    sc = APScorer(chunk=3).fit(x, y.astype(int))
     for j in range(7):
         assert ours[j].item() == pytest.approx(average_precision_score(y, x[:, j]), abs=1e-12)
+        assert sc.neg_scores_[1, j].item() == pytest.approx(average_precision_score(y, -x[:, j]), abs=1e-12)
+        assert sc.neg_scores_[0, j].item() == pytest.approx(average_precision_score(~y, -x[:, j]), abs=1e-12)
 
 
 @settings(max_examples=40, deadline=None)

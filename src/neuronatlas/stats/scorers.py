@@ -32,25 +32,52 @@ def average_precision(scores: torch.Tensor, positive: torch.Tensor, chunk: int =
 
     Equals ``sklearn.metrics.average_precision_score`` (ties: one threshold per distinct value).
     """
-    n, m = scores.shape
-    pos = positive.to(torch.bool)
-    n_pos = int(pos.sum())
-    if n_pos == 0:
+    if not bool(positive.any()):
         raise DatasetError("a concept has no positive prompts; every label needs at least one prompt")
-    out = torch.empty(m, dtype=torch.float64)
-    ranks = torch.arange(1, n + 1, dtype=torch.float64)[:, None]
+    return average_precision_multi(scores, positive.to(torch.long), 2, chunk)[0][1]
+
+
+def _tie_counts(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per element of each row of ``block`` (rows, n): how many elements of its row are >= it, and > it."""
+    values, order = block.sort(dim=-1, descending=True)
+    n = values.shape[-1]
+    pos = torch.arange(n).expand_as(values)
+    same_as_next = torch.zeros_like(values, dtype=torch.bool)
+    same_as_next[..., :-1] = values[..., :-1] == values[..., 1:]
+    same_as_prev = torch.zeros_like(same_as_next)
+    same_as_prev[..., 1:] = same_as_next[..., :-1]
+    end = torch.where(same_as_next, torch.full_like(pos, n), pos)
+    group_end = torch.flip(torch.cummin(torch.flip(end, [-1]), dim=-1).values, [-1])
+    group_start = torch.cummax(torch.where(same_as_prev, torch.full_like(pos, -1), pos), dim=-1).values
+    ge = torch.empty_like(values).scatter_(-1, order, (group_end + 1).to(values.dtype))
+    gt = torch.empty_like(values).scatter_(-1, order, group_start.to(values.dtype))
+    return ge, gt
+
+
+def average_precision_multi(scores: torch.Tensor, labels: torch.Tensor, n_classes: int,
+                            chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """AP of every column of ``scores`` (n, m) for every class of ``labels`` (n,), ranking by the
+    scores and by the negated scores: two (classes, m) tensors.
+
+    AP of class c = mean over its positives j of  #{c-items scoring >= s_j} / #{items scoring >= s_j}
+    (sklearn's definition, ties included); for the negated ranking ">=" becomes "<=", i.e. the count
+    minus the items scoring strictly higher. Each chunk needs one sort over all prompts and one
+    within each class. Classes without positives get AP 0.
+    """
+    n, m = scores.shape
+    pos_ap = torch.zeros(n_classes, m, dtype=torch.float64)
+    neg_ap = torch.zeros(n_classes, m, dtype=torch.float64)
+    members = [torch.nonzero(labels == c).flatten() for c in range(n_classes)]
     for start in range(0, m, chunk):
-        block = scores[:, start:start + chunk].float()
-        values, order = block.sort(dim=0, descending=True)
-        y = pos[order].double()                                      # (n, c) labels in ranked order
-        tp = y.cumsum(0)
-        is_end = torch.ones_like(values, dtype=torch.bool)
-        is_end[:-1] = values[:-1] != values[1:]                       # last row of each tie group
-        idx = torch.where(is_end, torch.arange(n)[:, None].expand_as(values), torch.full_like(order, n))
-        group_end = torch.flip(torch.cummin(torch.flip(idx, [0]), dim=0).values, [0])
-        precision_at_end = tp.gather(0, group_end) / ranks.expand_as(tp).gather(0, group_end)
-        out[start:start + block.shape[1]] = (y * precision_at_end).sum(0) / n_pos
-    return out
+        block = scores[:, start:start + chunk].T.float().contiguous()         # (c, n): neurons as rows
+        cols = slice(start, start + block.shape[0])
+        all_ge, all_gt = _tie_counts(block)
+        for c, idx in enumerate(members):
+            if idx.numel():
+                ge, gt = _tie_counts(block[:, idx])
+                pos_ap[c, cols] = (ge.double() / all_ge[:, idx].double()).mean(-1)
+                neg_ap[c, cols] = ((idx.numel() - gt).double() / (n - all_gt[:, idx]).double()).mean(-1)
+    return pos_ap, neg_ap
 
 
 def top_n(scores: torch.Tensor, n: int) -> torch.Tensor:
@@ -72,7 +99,7 @@ class APScorer:
     (Liu et al. 2025). ``fit`` computes ``scores_`` (concepts, neurons) and, for ``tails='both'``,
     ``neg_scores_`` (AP of the negated responses: neurons that switch *off* for the concept)."""
 
-    def __init__(self, chunk: int = 4096) -> None:
+    def __init__(self, chunk: int = 2048) -> None:
         self.chunk = chunk
 
     def fit(self, responses: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray) -> "APScorer":
@@ -80,8 +107,10 @@ class APScorer:
         lab, k = _labels_matrix(labels)
         if x.shape[0] != lab.numel():
             raise DatasetError(f"{x.shape[0]} responses but {lab.numel()} labels; give one label per prompt")
-        self.scores_ = torch.stack([average_precision(x, lab == c, self.chunk) for c in range(k)])
-        self.neg_scores_ = torch.stack([average_precision(-x, lab == c, self.chunk) for c in range(k)])
+        missing = [c for c in range(k) if not bool((lab == c).any())]
+        if missing:
+            raise DatasetError(f"concept {missing[0]} has no prompts; every label index up to {k - 1} needs prompts")
+        self.scores_, self.neg_scores_ = average_precision_multi(x, lab, k, self.chunk)
         self.base_rate_ = torch.bincount(lab, minlength=k).double() / lab.numel()
         return self
 
