@@ -107,6 +107,9 @@ def check_loop(arrays: Any, vectors: list[tuple[str, int, int]], results: list[A
 def _child_memory(args: argparse.Namespace) -> None:
     """Run in a subprocess: peak RSS growth of one decode after the model is loaded."""
     lm = load_model(args.model)
+    with torch.inference_mode():                 # page in mmapped weights: they belong to the model, not the decode
+        for param in lm.model.parameters():
+            param.sum()
     rss = _status_kb("VmRSS")
     reset = False
     try:

@@ -144,6 +144,7 @@ def _package_dir(name: str, fix: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@functools.lru_cache(maxsize=None)
 def _package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)

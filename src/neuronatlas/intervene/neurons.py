@@ -124,7 +124,10 @@ def _read_selection_file(path: Path) -> list[tuple[int, int]]:
         text = path.read_text()
         try:
             data = json.loads(text)
-            rows = data if isinstance(data, list) else data.get("neurons", [])
+            if isinstance(data, dict) and "layer" in data and "neuron" in data:
+                rows = [data]  # a JSONL file with a single selection line
+            else:
+                rows = data if isinstance(data, list) else data.get("neurons", [])
         except json.JSONDecodeError:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     try:

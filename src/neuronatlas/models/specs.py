@@ -125,7 +125,9 @@ class ArchSpec:
         return {"in": self._linear_rows(get_module(mlp, self.fc_in), out_side=False)}
 
     def unembedding(self, model: nn.Module) -> torch.Tensor:
-        return get_module(model, self.unembed).weight
+        """(vocab, d_model) unembedding; HF's output embeddings first, the spec's path as a fallback."""
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        return (out if out is not None else get_module(model, self.unembed)).weight
 
     def final_norm_scale(self, model: nn.Module) -> torch.Tensor | None:
         try:

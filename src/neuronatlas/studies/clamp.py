@@ -25,6 +25,7 @@ directory; finished stages are kept in ``state.json`` so a rerun resumes.
 
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import json
 import random
@@ -200,7 +201,8 @@ def _cohens_d(a: np.ndarray, b: np.ndarray) -> float:
     return float((a.mean() - b.mean()) / pooled) if pooled > 0 else float("nan")
 
 
-def _set_scores(pooled: np.ndarray, labels: np.ndarray, pairs: list[tuple[int, int]]) -> tuple[float, float]:
+def _set_scores(pooled: np.ndarray, labels: np.ndarray, pairs: list[tuple[int, int]], *,
+                with_p: bool = True) -> tuple[float, float]:
     """(Cohen's d, one-sided Mann-Whitney p) of the set's mean activation, concept vs other texts.
 
     ``pooled``: (texts, layers, neurons) mean-pooled activations; ``labels``: 1 = concept text.
@@ -211,7 +213,8 @@ def _set_scores(pooled: np.ndarray, labels: np.ndarray, pairs: list[tuple[int, i
     a, b = acts[labels == 1], acts[labels == 0]
     if len(a) < 2 or len(b) < 2:
         return float("nan"), float("nan")
-    return _cohens_d(a, b), float(stats.mannwhitneyu(a, b, alternative="greater").pvalue)
+    p = float(stats.mannwhitneyu(a, b, alternative="greater").pvalue) if with_p else float("nan")
+    return _cohens_d(a, b), p
 
 
 def _activation_analysis(pooled: np.ndarray, labels: np.ndarray, chosen: NeuronSet, n_neurons: int,
@@ -219,8 +222,8 @@ def _activation_analysis(pooled: np.ndarray, labels: np.ndarray, chosen: NeuronS
     d, p_mwu = _set_scores(pooled, labels, list(chosen.pairs))
     per_neuron = {f"L{layer}:{j}": _cohens_d(pooled[labels == 1, layer, j], pooled[labels == 0, layer, j])
                   for layer, j in chosen.pairs}
-    null = np.array([_set_scores(pooled, labels, list(random_like(chosen, n_neurons, seed=100_000 + s).pairs))[0]
-                     for s in range(config.n_permutations)])
+    null = np.array([_set_scores(pooled, labels, list(random_like(chosen, n_neurons, seed=100_000 + s).pairs),
+                                 with_p=False)[0] for s in range(config.n_permutations)])
     null = null[np.isfinite(null)]
     p_perm = float((1 + (null >= d).sum()) / (1 + len(null))) if np.isfinite(d) and len(null) else float("nan")
     return {"cohens_d": d, "mannwhitney_p": p_mwu, "per_neuron_d": per_neuron, "random_d_mean": float(null.mean())
@@ -252,7 +255,7 @@ def write_selections(atlas: Atlas | str | Path, lm: LoadedModel, concept: str, n
 
     def register(m: dict[str, Any]) -> None:
         entry = m.setdefault("studies", {}).setdefault(study, {"kind": study, "concepts": []})
-        entry.update(kind=study, path=str(out_dir), created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        entry.update(kind=study, path=str(out_dir), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
         entry["concepts"] = sorted(set(entry.get("concepts", [])) | {concept})
 
     store.update_manifest(register)
@@ -267,7 +270,14 @@ def run_clamp_study(lm: LoadedModel, config: ClampConfig, out_dir: str | Path, *
     t_start = time.perf_counter()
     steps = 6
 
+    stage_names = ["select", "texts_and_record", "generate", "logprobs", "activations", "report"]
+    timings: dict[str, float] = {}
+    mark = [time.perf_counter()]
+
     def step(stage: int, frac: float = 0.0) -> None:
+        if frac == 0.0 and stage > 0:
+            timings[stage_names[stage - 1]] = round(time.perf_counter() - mark[0], 2)
+            mark[0] = time.perf_counter()
         if progress:
             progress(int(100 * (stage + frac) / steps), 100)
 
@@ -353,6 +363,7 @@ def run_clamp_study(lm: LoadedModel, config: ClampConfig, out_dir: str | Path, *
     }
     results["findings"] = _findings(results, config)
     results["seconds"] = round(time.perf_counter() - t_start, 2)
+    results["timings"] = timings              # seconds per stage; stages reused from state.json take ~0
     results["provenance"] = study_provenance(lm, seed=config.seed, dataset_sha256=texts.content_hash,
                                              extra={"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
                                                     "fingerprint": fingerprint})
