@@ -8,7 +8,9 @@ import sys
 import click
 import typer
 
-from neuronatlas.cli import core, data, generate
+from neuronatlas.cli import core, data, generate, studies
+from neuronatlas.cli import web
+from neuronatlas.cli import decode as decode_cli
 from neuronatlas.cli.common import err_console
 from neuronatlas.errors import NeuronAtlasError
 
@@ -32,6 +34,10 @@ def _root(debug: bool = typer.Option(False, "--debug", help="show tracebacks")) 
 core.register(app)
 generate.register(app)
 data.register(data_app)
+studies.register(study_app)
+web.register(app)
+decode_cli.register(app)
+decode_cli.register_study(study_app)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return 2
+    except Exception as exc:  # typer's vendored click raises its own ClickException/Exit classes
+        name = type(exc).__name__
+        if hasattr(exc, "exit_code") and name in ("Exit", "NoArgsIsHelpError"):
+            return int(getattr(exc, "exit_code", 0) or 0)
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            return 2
+        raise
     return 0
 
 
