@@ -75,6 +75,7 @@ def _summarise(results: dict[str, Any]) -> dict[str, Any]:
             acc_sel = _acc(sel_raw, mask)
             rand_accs = [_acc(raw[r][k], mask) for k in rand_keys if k in raw[r]]
             m, lo, hi = mean_ci(rand_accs)
+            lo, hi = max(0.0, lo), min(1.0, hi)  # accuracies are bounded; the t-interval is not
             sel_idx = np.asarray(sel_raw.get("idx", range(len(sel_raw["logprob"]))), dtype=int)
             keep = np.asarray(mask)[sel_idx]
             diff = np.asarray(sel_raw["logprob"])[keep] - np.asarray(base[r]["logprob"])[sel_idx][keep]
