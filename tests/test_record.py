@@ -160,3 +160,47 @@ def test_dataset_formats_and_errors(tmp_path, write_jsonl):
 def test_empty_prompt_set_refused(tmp_path):
     with pytest.raises(DatasetError, match="empty"):
         PromptSet.from_rows([], source="x")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sliced_topk_and_moments_equal_whole_tensor(seed):
+    """The per-layer update path (threshold, candidate merge, plain top-k while lists fill up) keeps
+    exactly the top-k of all tokens seen, and per-layer moments equal the all-layers update."""
+    from neuronatlas.stats.running import LabelMoments, TopK
+
+    g = torch.Generator().manual_seed(seed)
+    layers, units, k = 3, 40, 5
+    sliced, whole = TopK.empty((layers, units), k), TopK.empty((layers, units), k)
+    m_sliced, m_whole = LabelMoments(3, (layers, units)), LabelMoments(3, (layers, units))
+    xs, prompts, positions = [], [], []
+    for b in range(30):                                   # many small batches: the candidate path runs
+        n = int(torch.randint(1, 12, (1,), generator=g))
+        x = torch.randn(n, layers, units, generator=g)   # continuous values: no ties
+        prompt = torch.full((n,), b, dtype=torch.long)
+        pos = torch.arange(n)
+        labels = torch.randint(0, 3, (n,), generator=g)
+        for layer in range(layers):
+            sliced.update(x[:, layer], prompt, pos, at=layer)
+            m_sliced.update(x[:, layer], labels, at=layer)
+        m_sliced.commit(labels)
+        whole.update(x, prompt, pos)
+        m_whole.update(x, labels)
+        xs.append(x), prompts.append(prompt), positions.append(pos)
+    full = torch.cat(xs)
+    ref_vals, ref_idx = full.topk(k, dim=0)
+    torch.testing.assert_close(sliced.values, ref_vals.movedim(0, -1))
+    assert torch.equal(sliced.prompt.long(), torch.cat(prompts)[ref_idx].movedim(0, -1))
+    assert torch.equal(sliced.position.long(), torch.cat(positions)[ref_idx].movedim(0, -1))
+    assert torch.equal(sliced.values, whole.values) and torch.equal(sliced.prompt, whole.prompt)
+    for name in ("count", "mean", "m2", "max", "active"):
+        torch.testing.assert_close(getattr(m_sliced, name), getattr(m_whole, name))
+
+
+def test_sliced_topk_keeps_the_older_entry_on_ties():
+    from neuronatlas.stats.running import TopK
+
+    t = TopK.empty((1, 2), 2)
+    t.update(torch.tensor([[3.0, 1.0], [2.0, 1.0]]), torch.tensor([0, 0]), torch.tensor([0, 1]), at=0)
+    t.update(torch.tensor([[2.0, 5.0]]), torch.tensor([1]), torch.tensor([0]), at=0)   # ties unit 0's 2.0
+    assert t.values[0].tolist() == [[3.0, 2.0], [5.0, 1.0]]
+    assert t.prompt[0].tolist() == [[0, 0], [1, 0]]

@@ -134,28 +134,33 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
     t0 = time.perf_counter()
     n_tokens_seen = 0
     pending: list[int] = []
-    captured: dict[int, torch.Tensor] = {}
+    labels_t = torch.from_numpy(prompt_labels)
+    current: dict[str, Any] = {}
 
     def observe(layer: int, h: torch.Tensor) -> None:
-        captured[layer] = h
+        # fold this layer into the statistics while its activations are still in cache; the full
+        # (tokens, layers, neurons) tensor never exists
+        mask, rows_t, tok_labels, tok_prompt, tok_pos = (current[k] for k in ("mask", "rows", "labels", "prompt", "pos"))
+        hl = h.detach().float().cpu()                                             # (B, T, N)
+        flat = hl[mask]                                                           # (tokens, N)
+        moments.update(flat, tok_labels, at=layer)
+        topk.update(flat, tok_prompt, tok_pos, at=layer)
+        if pooled is not None:
+            pooled[rows_t, layer] = _pool(hl, mask, config.pool).numpy().astype(np.float16)
 
     for b in range(start_batch, len(batches)):
         rows = batches[b]
         batch = pad_ids(lm, [ids[i] for i in rows], config.padding_side)
-        captured.clear()
+        mask = batch["attention_mask"].bool().cpu()
+        row_of_token = torch.arange(len(rows))[:, None].expand_as(mask)[mask]
+        tok_prompt = torch.tensor(rows)[row_of_token]
+        current.update(mask=mask, rows=np.array(rows), labels=labels_t[tok_prompt], prompt=tok_prompt,
+                       pos=batch["position_ids"].cpu()[mask])
         with site_hooks(lm, config.component, observe=observe, batch_size=len(rows)):
             forward(lm, batch)
-        acts = torch.stack([captured[layer] for layer in range(L)], dim=2).float()  # (B, T, L, N)
-        mask = batch["attention_mask"].bool().to(acts.device)
-        pos = batch["position_ids"].to(acts.device)
-        flat = acts[mask].cpu()                                                   # (tokens, L, N)
-        row_of_token = torch.arange(len(rows))[:, None].expand_as(mask.cpu())[mask.cpu()]
-        tok_prompt = torch.tensor(rows)[row_of_token]
-        moments.update(flat, torch.from_numpy(prompt_labels)[tok_prompt])
-        topk.update(flat, tok_prompt, pos.cpu()[mask.cpu()])
-        n_tokens_seen += flat.shape[0]
+        moments.commit(labels_t[tok_prompt])
+        n_tokens_seen += int(mask.sum())
         if pooled is not None:
-            pooled[rows] = _pool(acts.cpu(), mask.cpu(), config.pool).numpy().astype(np.float16)
             pending.extend(rows)
         done = b + 1
         if done % config.checkpoint_every == 0 and done < len(batches):
@@ -177,12 +182,13 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
 
 
 def _pool(acts: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, T, L, N) activations -> (B, L, N) pooled over each row's real tokens."""
-    m = mask[:, :, None, None].to(acts.dtype)
+    """(B, T, ...) activations -> (B, ...) pooled over each row's real tokens."""
+    extra = (None,) * (acts.dim() - 2)
+    m = mask[(slice(None), slice(None), *extra)].to(acts.dtype)
     if pool == "mean":
         return (acts * m).sum(1) / m.sum(1).clamp(min=1)
     if pool == "max":
-        return acts.masked_fill(~mask[:, :, None, None], float("-inf")).max(1).values
+        return acts.masked_fill(~mask[(slice(None), slice(None), *extra)], float("-inf")).max(1).values
     last = mask.long().cumsum(1).argmax(1)  # index of the last real token
     return acts[torch.arange(acts.shape[0]), last]
 
