@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -222,3 +221,36 @@ def test_selector_file(tmp_path):
     path.write_text('{"layer": 1, "neuron": 4}\n{"layer": 0, "neuron": 2}\n')
     assert NeuronSet.parse(f"@{path} L1:0").pairs == ((0, 2), (1, 0), (1, 4))
     assert NeuronSet.parse("L1:*", n_neurons=3).pairs == ((1, 0), (1, 1), (1, 2))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3", "gemma3_text", "phi3", "gpt2", "gpt_neox", "opt"])
+def test_shared_prefix_pass_equals_repeated_pass(family):
+    """Layers before the first intervened one run once; the outputs equal the plain repeated pass and
+    the model's layers and hooks are exactly as before, also after an exception."""
+    from neuronatlas.intervene import first_intervened_layer, forward_conditions
+
+    lm = tiny_model(family)
+    batch = encode(lm, SENTS, padding_side="left")
+    conds = [(), (Ablate(NeuronSet.of([(1, 0), (1, 5)])),), (Clamp(NeuronSet.of([(1, 2)]), 3.0),),
+             (Scale(NeuronSet.of([(1, 3)]), 0.0, position="last"),)]
+    assert first_intervened_layer(conds, lm.n_layers) == 1
+    before = list(lm.spec.layer_modules(lm.model))
+    calls = []
+    handle = before[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    shared = forward_conditions(lm, batch, conds).logits
+    handle.remove()
+    assert calls == [len(SENTS)]                       # layer 0 ran once, on the un-repeated batch
+    plain = forward_conditions(lm, batch, conds, share_prefix=False).logits
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+    for c, cond in enumerate(conds[1:], start=1):      # every condition really acted
+        assert not torch.allclose(shared[c * len(SENTS):(c + 1) * len(SENTS)], shared[: len(SENTS)])
+    assert list(lm.spec.layer_modules(lm.model)) == before and count_hooks(lm.model) == 0
+
+    def boom(*_):
+        raise RuntimeError("boom")
+
+    h2 = before[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        forward_conditions(lm, batch, conds)
+    h2.remove()
+    assert list(lm.spec.layer_modules(lm.model)) == before and count_hooks(lm.model) == 0

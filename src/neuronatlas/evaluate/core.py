@@ -21,8 +21,9 @@ import torch
 
 from neuronatlas.errors import InterventionError
 from neuronatlas.intervene.interventions import Condition, Intervention, intervene, normalize_conditions
+from neuronatlas.intervene.shared import forward_conditions
 from neuronatlas.models.loading import LoadedModel
-from neuronatlas.record.batching import batches, encode, encode_ids, forward, pad_ids, repeat_batch
+from neuronatlas.record.batching import batches, encode, encode_ids, pad_ids, repeat_batch
 
 __all__ = ["TargetScores", "target_logprobs", "next_token_topk", "next_token_logprobs", "generate",
            "ConditionsArg", "chunk_conditions"]
@@ -31,8 +32,18 @@ ConditionsArg = Sequence[Intervention | Sequence[Intervention]]
 ProgressFn = Callable[[int], None]
 
 
-def chunk_conditions(conds: list[Condition], max_rows: int, batch_rows: int) -> list[list[Condition]]:
-    """Split conditions into groups whose expanded batch stays under ``max_rows`` rows."""
+def default_max_rows(lm: LoadedModel) -> int:
+    """Rows per forward pass when conditions are batched: 64 on a CPU, where larger passes spill the
+    caches and run slower per row (measured in benchmarks/bench_record.py), 256 on an accelerator."""
+    return 64 if lm.device.type == "cpu" else 256
+
+
+def chunk_conditions(conds: list[Condition], max_rows: int | None, batch_rows: int,
+                     lm: LoadedModel | None = None) -> list[list[Condition]]:
+    """Split conditions into groups whose expanded batch stays under ``max_rows`` rows
+    (``None``: :func:`default_max_rows` of ``lm``, else 64)."""
+    if max_rows is None:
+        max_rows = default_max_rows(lm) if lm is not None else 64
     per_group = max(1, max_rows // max(1, batch_rows))
     return [conds[i:i + per_group] for i in range(0, len(conds), per_group)]
 
@@ -56,11 +67,14 @@ class TargetScores:
 
 
 def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], *,
-                    conditions: ConditionsArg = ((),), batch_size: int = 16, max_rows: int = 256,
+                    conditions: ConditionsArg = ((),), batch_size: int = 8, max_rows: int | None = None,
                     progress: ProgressFn | None = None) -> TargetScores:
     """Log-probability of each target continuation after its prompt, under every condition.
 
-    ``position='last'`` interventions act on the last prompt token.
+    ``position='last'`` interventions act on the last prompt token. Each batch of ``batch_size``
+    prompts is evaluated under up to ``max_rows // batch_size`` conditions per forward pass
+    (:func:`neuronatlas.intervene.forward_conditions`: the layers below the first intervened one
+    run once for all of them).
     """
     if len(prompts) != len(targets):
         raise InterventionError(f"got {len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
@@ -88,9 +102,8 @@ def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[s
         tgt = torch.zeros(len(rows), keep - 1, dtype=torch.long)
         for j, i in enumerate(rows):
             tgt[j, : len(t_ids[i])] = torch.tensor(t_ids[i])
-        for group_start, group in _groups(conds, max_rows, len(rows)):
-            with intervene(lm, group, rows_per_condition=len(rows), last_index=last_prompt):
-                logits = forward(lm, repeat_batch(batch, len(group)), logits_to_keep=keep).logits.float()
+        for group_start, group in _groups(conds, max_rows, len(rows), lm):
+            logits = forward_conditions(lm, batch, group, last_index=last_prompt, logits_to_keep=keep).logits.float()
             logp = logits.log_softmax(-1).view(len(group), len(rows), keep, -1)
             b_idx = torch.arange(len(rows))[:, None]
             at = logp[:, b_idx, offs]                                   # (G, B, Tmax, V)
@@ -119,25 +132,25 @@ def _informative_length(lm: LoadedModel, ids: Sequence[int]) -> int:
     return len(ids)
 
 
-def _groups(conds: list[Condition], max_rows: int, batch_rows: int) -> list[tuple[int, list[Condition]]]:
+def _groups(conds: list[Condition], max_rows: int | None, batch_rows: int,
+            lm: LoadedModel | None = None) -> list[tuple[int, list[Condition]]]:
     out, start = [], 0
-    for group in chunk_conditions(conds, max_rows, batch_rows):
+    for group in chunk_conditions(conds, max_rows, batch_rows, lm):
         out.append((start, group))
         start += len(group)
     return out
 
 
 def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], *, conditions: ConditionsArg = ((),),
-                        batch_size: int = 16, max_rows: int = 256) -> torch.Tensor:
+                        batch_size: int = 16, max_rows: int | None = None) -> torch.Tensor:
     """Full next-token log-distribution, shape (conditions, prompts, vocab). Mind the memory."""
     conds = normalize_conditions(conditions)
     out = torch.zeros(len(conds), len(prompts), lm.model.config.vocab_size if lm.model.get_output_embeddings() is None
                       else lm.model.get_output_embeddings().weight.shape[0])
     for rows in batches(len(prompts), batch_size):
         batch = encode(lm, [prompts[i] for i in rows], padding_side="left")
-        for start, group in _groups(conds, max_rows, len(rows)):
-            with intervene(lm, group, rows_per_condition=len(rows)):
-                logits = forward(lm, repeat_batch(batch, len(group))).logits[:, -1].float()
+        for start, group in _groups(conds, max_rows, len(rows), lm):
+            logits = forward_conditions(lm, batch, group, logits_to_keep=1).logits[:, -1].float()
             logp = logits.log_softmax(-1).view(len(group), len(rows), -1)
             out[start:start + len(group), rows.start:rows.stop] = logp[..., :out.shape[-1]]
     return out

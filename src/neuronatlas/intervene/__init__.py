@@ -4,6 +4,7 @@ from neuronatlas.intervene.interventions import (
     Ablate, Clamp, Condition, Intervention, Scale, Steer, intervene, normalize_conditions,
 )
 from neuronatlas.intervene.neurons import NeuronSet
+from neuronatlas.intervene.shared import first_intervened_layer, forward_conditions
 
 __all__ = ["Ablate", "Clamp", "Condition", "Intervention", "NeuronSet", "Scale", "Steer", "intervene",
-           "normalize_conditions"]
+           "first_intervened_layer", "forward_conditions", "normalize_conditions"]

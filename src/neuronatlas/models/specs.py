@@ -75,6 +75,10 @@ class ArchSpec:
     def layer_modules(self, model: nn.Module) -> list[nn.Module]:
         return list(get_module(model, self.layers))
 
+    def layer_container(self, model: nn.Module) -> nn.ModuleList:
+        """The ``nn.ModuleList`` holding the decoder layers (items can be swapped temporarily)."""
+        return get_module(model, self.layers)  # type: ignore[no-any-return]
+
     def mlp_module(self, model: nn.Module, layer: int) -> nn.Module:
         return get_module(self.layer_modules(model)[layer], self.mlp)
 

@@ -1,0 +1,111 @@
+"""One forward pass under several conditions, computing the layers no condition touches only once.
+
+Every condition of a sweep sees the same input; up to the first layer any condition intervenes on,
+their activations are identical. :func:`forward_conditions` therefore runs the batch once (``B``
+rows) up to that layer, then runs the remaining layers on the batch repeated once per condition
+(``C x B`` rows, condition-major, as :func:`neuronatlas.intervene.intervene` expects), with the
+layers already computed replaced, for that second pass only, by modules that hand back their
+stored output. For C conditions whose first intervened layer is k of L, the layer work falls from
+``C x L`` to ``k + C x (L - k)`` row-blocks; the result equals the plain repeated pass up to float
+rounding (matrix products on B rather than C x B rows).
+
+    >>> from neuronatlas.intervene.shared import forward_conditions
+    >>> conds = [(), (Ablate(NeuronSet.parse("L12:1-50")),), (Clamp(NeuronSet.parse("L20:7"), 5.0),)]
+    >>> out = forward_conditions(lm, batch, conds, logits_to_keep=1)   # logits of 3 x B rows; layers 0-11 run once
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from neuronatlas.intervene.interventions import Condition, Intervention, Steer, intervene, normalize_conditions
+from neuronatlas.models.loading import LoadedModel
+from neuronatlas.record.batching import forward, repeat_batch
+
+__all__ = ["first_intervened_layer", "forward_conditions"]
+
+
+def first_intervened_layer(conditions: Sequence[Condition], n_layers: int) -> int:
+    """The lowest layer any intervention of ``conditions`` acts on (``n_layers`` when none does)."""
+    layers = [iv.layer if isinstance(iv, Steer) else min(iv.neurons.layers, default=n_layers)
+              for cond in conditions for iv in cond]
+    return min(layers, default=n_layers)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end the first, shared pass once the last shared layer has run."""
+
+
+class _Replay(nn.Module):
+    """Stands in for an already computed layer: returns the stored output, ignores its input.
+
+    Attribute reads the model's layer loop may do (e.g. Gemma 3's ``attention_type``) go to the
+    original layer."""
+
+    def __init__(self, original: nn.Module, output: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "_original", original)
+        object.__setattr__(self, "_output", output)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._output
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_original"), name)
+
+
+def _repeat(obj: Any, rows: int, times: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(times, *([1] * (obj.dim() - 1))) if obj.dim() and obj.shape[0] == rows else obj
+    if isinstance(obj, tuple):
+        return tuple(_repeat(o, rows, times) for o in obj)
+    if isinstance(obj, list):
+        return [_repeat(o, rows, times) for o in obj]
+    return obj
+
+
+def forward_conditions(lm: LoadedModel, batch: dict[str, torch.Tensor],
+                       conditions: Sequence[Intervention | Sequence[Intervention]], *,
+                       last_index: torch.Tensor | None = None, share_prefix: bool = True, **kwargs: Any) -> Any:
+    """The model's output on ``batch`` repeated once per condition (rows condition-major), each block
+    under its condition; ``kwargs`` go to the model (e.g. ``logits_to_keep``). ``share_prefix=False``
+    runs the plain repeated pass."""
+    conds = normalize_conditions(conditions)
+    rows = batch["input_ids"].shape[0]
+    first = min(first_intervened_layer(conds, lm.n_layers), lm.n_layers - 1)
+    with intervene(lm, conds, rows_per_condition=rows, last_index=last_index):
+        if not share_prefix or len(conds) == 1 or first == 0:
+            return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
+        layers = lm.spec.layer_modules(lm.model)
+        module_list = lm.spec.layer_container(lm.model)
+        captured: list[Any] = []
+
+        def stop(_m: nn.Module, _args: Any, output: Any) -> None:
+            captured.append(output)
+            raise _Stop
+
+        handle = layers[first - 1].register_forward_hook(stop)
+        try:
+            forward(lm, batch)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not captured:           # the model never reached the layer: fall back to the plain pass
+            return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
+        shared = _repeat(captured[0], rows, len(conds))
+        originals = [module_list[i] for i in range(first)]
+        try:
+            for i in range(first):
+                module_list[i] = _Replay(originals[i], shared)
+            return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
+        finally:
+            for i, original in enumerate(originals):
+                module_list[i] = original
