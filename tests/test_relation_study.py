@@ -101,3 +101,22 @@ def test_miniature_study_on_tiny_model(tmp_path):
     assert json.dumps(again["summary"], sort_keys=True) == json.dumps(res["summary"], sort_keys=True)
     assert not np.isnan(res["summary"]["cumulativity"]["country_capital"][0]["acc_selected"])
     assert again["provenance"]["record_fingerprint"] == res["provenance"]["record_fingerprint"]
+
+
+def test_lape_scorer_in_the_study(tmp_path):
+    lm = tiny_model("llama")
+    cfg = RelationStudyConfig(relations=("country_capital", "country_language"), langs=("en",), scorer="lape",
+                              max_identify_facts=6, max_test_facts=4, seeds=1, grid=(0.5,), min_known=0,
+                              select_n=8, batch_size=8)
+    res = run_relation_study(lm, tmp_path / "study", cfg)
+    from neuronatlas.stats.lape import LAPEScorer
+    from neuronatlas.record import load_record
+
+    rec = load_record(Atlas.open(tmp_path / "study/atlas"), "relations")
+    labels = sorted(rec.labels)
+    lape = LAPEScorer().fit(rec.moments.act_prob[[rec.labels.index(c) for c in labels]], languages=labels)
+    for c in labels:
+        want = [divmod(int(f), lm.n_neurons) for f in lape.select_concept(c, 8)]
+        assert sorted(tuple(p) for p in res["selected"][c]) == sorted(want) and 0 < len(want) <= 8
+    comp = res["scorer_comparison"]["country_capital"]
+    assert 0.0 <= comp["ap_lape_jaccard"] <= 1.0 and comp["lape_assigned"] >= len(res["selected"]["country_capital"])

@@ -19,7 +19,7 @@ def relations_study_cmd(
     relations: Annotated[str, typer.Option(help="comma-separated relations (default: all)")] = "",
     langs: Annotated[str, typer.Option(help="languages for neuron identification (en, de, fr, es)")] = "en,de",
     few_shot: Annotated[int, typer.Option(help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
-    scorer: Annotated[str, typer.Option(help="ap (average precision) or smd (Cohen's d + FDR)")] = "ap",
+    scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR) or lape (activation-probability entropy)")] = "ap",
     select_fraction: Annotated[float, typer.Option(help="neurons selected per relation, as a fraction of all")] = 0.01,
     select_n: Annotated[int, typer.Option(help="neurons selected per relation, as a count (overrides the fraction)")] = 0,
     tails: Annotated[str, typer.Option(help="top, or both (also the n/2 most negatively tuned)")] = "top",

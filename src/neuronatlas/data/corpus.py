@@ -45,7 +45,6 @@ from neuronatlas.data.languages import (
     _package_dir,
     _package_version,
     load_verses,
-    verse_id,
 )
 
 __all__ = ["CORPUS_SOURCES", "default_corpus", "read_corpus", "corpus_provenance", "chunk_paragraphs"]

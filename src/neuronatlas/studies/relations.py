@@ -23,7 +23,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from neuronatlas.evaluate.core import target_logprobs
 from neuronatlas.intervene import Ablate, Clamp, NeuronSet
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record import RecordConfig, record
+from neuronatlas.stats.lape import LAPEScorer
 from neuronatlas.stats.scorers import APScorer, SMDScorer
 from neuronatlas.store import Atlas
 from neuronatlas.studies.common import StudyState, count_forwards, random_like, study_provenance
@@ -56,7 +57,7 @@ class RelationStudyConfig:
     few_shot: int = 0                            # demonstrations prefixed to evaluation prompts
     site: Literal["mlp", "gate"] = "mlp"
     pool: Literal["mean", "last", "max"] = "mean"
-    scorer: Literal["ap", "smd"] = "ap"
+    scorer: Literal["ap", "smd", "lape"] = "ap"
     select_fraction: float = 0.01                # of all neurons, per relation
     select_n: int | None = None                  # overrides select_fraction
     tails: Literal["top", "both"] = "top"
@@ -65,7 +66,7 @@ class RelationStudyConfig:
     seeds: int = 3                               # random-neuron baselines per condition
     min_known: int = 5                           # relations with fewer known test facts are not evaluated
     cumulativity_on: Literal["known", "all"] = "known"   # facts cumulativity accuracy is measured on
-    batch_size: int = 40
+    batch_size: int = 8                          # facts per pass (x up to 8 conditions: 64 rows on a CPU)
     seed: int = 0
 
     def fingerprint(self) -> str:
@@ -206,20 +207,32 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
         lab_idx = np.array([local_labels.index(rec.labels[rec.prompt_labels[i]]) for i in idx])
         x = responses[idx].astype(np.float32)
         ap = APScorer().fit(x, lab_idx)
-        smd = SMDScorer().fit(x, lab_idx) if config.scorer == "smd" or lang == config.eval_lang else None
+        compare = lang == config.eval_lang
+        smd = SMDScorer().fit(x, lab_idx) if config.scorer == "smd" or compare else None
+        # LAPE on token-level activation probabilities of this language's concepts (the record has them)
+        lape = (LAPEScorer().fit(rec.moments.act_prob[[rec.labels.index(c) for c in local_labels]],
+                                 counts=rec.moments.count[[rec.labels.index(c) for c in local_labels]],
+                                 languages=local_labels)
+                if config.scorer == "lape" or compare else None)
         for c, concept in enumerate(local_labels):
             if config.scorer == "ap":
                 chosen, sc = ap.select(c, n_select, config.tails), ap.scores_[c].numpy()
-            else:
+            elif config.scorer == "smd":
                 assert smd is not None
                 chosen, sc = smd.select(c, n_select, config.tails), smd.d_[c]
+            else:
+                assert lape is not None
+                chosen, sc = torch.from_numpy(lape.select_concept(concept, n_select)), lape.concept_scores(concept)
             selected[concept] = _neuron_set(chosen.tolist(), N, config.site)
             scores[concept] = sc
-            if smd is not None and lang == config.eval_lang:
+            if compare and smd is not None and lape is not None:
                 ap_set = set(ap.select(c, n_select).tolist())
                 smd_set = set(smd.select(c, n_select).tolist())
+                lape_set = set(lape.select_concept(concept, n_select).tolist())
                 alt[concept] = {"smd_significant": int(smd.significant_[c].sum()),
-                                "ap_smd_jaccard": len(ap_set & smd_set) / max(1, len(ap_set | smd_set)),
+                                "ap_smd_jaccard": _jac(ap_set, smd_set),
+                                "lape_assigned": int(np.isfinite(lape.concept_scores(concept)).sum()),
+                                "ap_lape_jaccard": _jac(ap_set, lape_set),
                                 "ap_max": float(ap.scores_[c].max()), "ap_base_rate": float(ap.base_rate_[c])}
     unscored = [c for c in concepts if c not in selected]  # a language with a single relation has no negatives
     concepts = sorted(selected)
@@ -323,6 +336,10 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _jac(a: set[int], b: set[int]) -> float:
+    return len(a & b) / max(1, len(a | b))
 
 
 def _rank_order(ns: NeuronSet, score: np.ndarray, n_neurons: int) -> list[int]:

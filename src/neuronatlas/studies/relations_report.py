@@ -245,9 +245,13 @@ def write_outputs(out: Path, results: dict[str, Any], selected: Mapping[str, Neu
     if results.get("scorer_comparison"):
         sc = results["scorer_comparison"]
         sections.append(Section("Scorer comparison", "AP selection compared with the standardised-mean-difference scorer "
-                                "(Welch t-test, Benjamini-Hochberg at 5%).", tables=[Table(
-                                    ["relation", "max AP", "AP base rate", "SMD-significant neurons", "Jaccard(AP, SMD)"],
-                                    [[c, v["ap_max"], v["ap_base_rate"], v["smd_significant"], v["ap_smd_jaccard"]] for c, v in sc.items()])]))
+                                "(Welch t-test, Benjamini-Hochberg at 5%) and with LAPE (activation-probability entropy "
+                                "over relations; a neuron is a candidate for r when its activation probability on r "
+                                "is above the 95th percentile).", tables=[Table(
+                                    ["relation", "max AP", "AP base rate", "SMD-significant neurons", "Jaccard(AP, SMD)",
+                                     "LAPE-assigned neurons", "Jaccard(AP, LAPE)"],
+                                    [[c, v["ap_max"], v["ap_base_rate"], v["smd_significant"], v["ap_smd_jaccard"],
+                                      v.get("lape_assigned", "–"), v.get("ap_lape_jaccard", "–")] for c, v in sc.items()])]))
     prov = results["provenance"]
     setup = {"model": prov["model"].get("model"), "model file sha256": prov["model"].get("file_sha256", "–"),
              "prompting": results["prompting"], "site": cfg.site, "pooling": cfg.pool, "scorer": cfg.scorer,
