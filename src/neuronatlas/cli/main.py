@@ -9,8 +9,10 @@ import click
 import typer
 
 from neuronatlas.cli import core, data, generate, studies
+from neuronatlas.cli import languages as languages_cli
 from neuronatlas.cli import web
 from neuronatlas.cli import decode as decode_cli
+from neuronatlas.cli import explain as explain_cli
 from neuronatlas.cli.common import err_console
 from neuronatlas.errors import NeuronAtlasError
 
@@ -35,9 +37,11 @@ core.register(app)
 generate.register(app)
 data.register(data_app)
 studies.register(study_app)
+languages_cli.register(data_app, study_app)
 web.register(app)
 decode_cli.register(app)
 decode_cli.register_study(study_app)
+explain_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
