@@ -38,12 +38,39 @@ from neuronatlas.record import RecordConfig, record
 lm = load_model("default")
 docs = default_corpus(n_docs={n}, seed=0)
 ps = PromptSet.from_rows([{{"text": d["text"], "label": d["source"].split(":")[0]}} for d in docs])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+def hwm_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
+def rss_mb():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+# loading the model peaks far above what recording needs: reset the high-water mark (Linux) so the
+# peak measured is the recording's own
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = rss_mb()
 tmp = tempfile.mkdtemp()
 record(lm, ps, tmp + "/a", config=RecordConfig(batch_size=16, max_length=64, keep_pooled=False, checkpoint_every=10**9))
 shutil.rmtree(tmp)
-print(json.dumps({{"docs": {n}, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "after_load_mb": base}}))
+print(json.dumps({{"docs": {n}, "peak_mb": hwm_mb(), "before_record_mb": base, "peak_above_start_mb": hwm_mb() - base}}))
 """
+
+
+def _no_sharing(fn):  # type: ignore[no-untyped-def]
+    """Run ``fn`` with forward_conditions' shared prefix switched off (the plain repeated pass)."""
+    import neuronatlas.evaluate.core as core
+
+    original = core.forward_conditions
+    core.forward_conditions = lambda *a, **k: original(*a, share_prefix=False, **k)
+    try:
+        return fn()
+    finally:
+        core.forward_conditions = original
 
 
 def main() -> None:
@@ -78,7 +105,7 @@ def main() -> None:
         with site_hooks(lm, "mlp", observe=lambda layer, h: kept.append(h.detach().clone())):
             for b in batches:
                 forward(lm, b)
-        del kept
+        kept.clear()
 
     fns = {"bare_forward": bare, "streaming_record": streaming, "keep_all_activations": keep_all}
     peers: dict[str, object] = {}
@@ -102,24 +129,33 @@ def main() -> None:
     targets = [" the"] * len(facts)
     conds = [(Ablate(NeuronSet.of([(layer, j) for layer in range(10, 20) for j in range(c * 10, c * 10 + 10)])),)
              for c in range(8)]
+    # batched: defaults (8 facts x 8 conditions = 64 rows per pass, layers below the first intervened
+    # one shared), the same without the shared prefix, and one 256-row pass; sequential: each condition
+    # alone at 8 and at 32 facts per pass (the faster of the two is the baseline)
     cond_times = interleaved({
-        "batched_8": lambda: target_logprobs(lm, facts, targets, conditions=conds, batch_size=32, max_rows=256),
-        "sequential_8": lambda: [target_logprobs(lm, facts, targets, conditions=[c], batch_size=32) for c in conds],
+        "batched_8": lambda: target_logprobs(lm, facts, targets, conditions=conds),
+        "batched_8_no_shared_prefix": lambda: _no_sharing(lambda: target_logprobs(lm, facts, targets, conditions=conds)),
+        "batched_8_one_256_row_pass": lambda: target_logprobs(lm, facts, targets, conditions=conds, batch_size=32,
+                                                              max_rows=256),
+        "sequential_8_b8": lambda: [target_logprobs(lm, facts, targets, conditions=[c]) for c in conds],
+        "sequential_8_b32": lambda: [target_logprobs(lm, facts, targets, conditions=[c], batch_size=32) for c in conds],
     }, args.repeats)
     cond_med = {k: median(v) for k, v in cond_times.items()}
+    best_seq = min(cond_med["sequential_8_b8"], cond_med["sequential_8_b32"])
 
     mem = [run_child(MEMORY_CHILD.format(n=n)) for n in (args.memory_docs, 10 * args.memory_docs)]
-    growth = (mem[1]["peak_mb"] - mem[0]["peak_mb"]) / mem[0]["peak_mb"]
+    growth = (mem[1]["peak_above_start_mb"] - mem[0]["peak_above_start_mb"]) / mem[0]["peak_above_start_mb"]
     shutil.rmtree(tmp, ignore_errors=True)
 
     result = {
         "machine": machine(), "prompts": len(prompts), "tokens": n_tokens, "repeats": args.repeats,
         "median_seconds": med, "ratio_vs_bare_forward": ratios, "tokens_per_second_bare": n_tokens / med["bare_forward"],
         "peers": peers,
-        "conditions": {"median_seconds": cond_med, "speedup_batched_vs_sequential": cond_med["sequential_8"] / cond_med["batched_8"]},
+        "conditions": {"median_seconds": cond_med, "speedup_batched_vs_best_sequential": best_seq / cond_med["batched_8"],
+                       "speedup_of_shared_prefix": cond_med["batched_8_no_shared_prefix"] / cond_med["batched_8"]},
         "memory": {"runs": mem, "peak_growth_10x_corpus": growth},
         "targets": {"streaming_record_le_1.15x": ratios["streaming_record"] <= 1.15, "memory_growth_lt_10pct": growth < 0.10,
-                    "batched_faster": cond_med["batched_8"] < cond_med["sequential_8"]},
+                    "batched_faster": cond_med["batched_8"] < best_seq},
     }
     print(json.dumps(result, indent=2))
     write_json(args.out, result)
