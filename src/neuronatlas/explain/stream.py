@@ -30,7 +30,7 @@ import torch
 
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
-from neuronatlas.record.batching import forward, pad_ids
+from neuronatlas.record.batching import forward_through, pad_ids
 from neuronatlas.record.hooks import site_hooks
 from neuronatlas.stats.running import TopK
 
@@ -290,7 +290,7 @@ class ExemplarStream:
                 self.reservoirs[layer].update(start, h, counted_index, doc, lengths)
 
         with site_hooks(lm, self.component, observe=observe, batch_size=len(ids)):
-            forward(lm, batch, logits_to_keep=1)
+            forward_through(lm, batch)             # nothing after the last layer is needed
         self.tokens_seen += int(counted_index.numel())
 
     @property

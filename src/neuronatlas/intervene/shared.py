@@ -24,7 +24,7 @@ from torch import nn
 
 from neuronatlas.intervene.interventions import Condition, Intervention, Steer, intervene, normalize_conditions
 from neuronatlas.models.loading import LoadedModel
-from neuronatlas.record.batching import forward, repeat_batch
+from neuronatlas.record.batching import forward, forward_through, repeat_batch
 
 __all__ = ["first_intervened_layer", "forward_conditions"]
 
@@ -34,10 +34,6 @@ def first_intervened_layer(conditions: Sequence[Condition], n_layers: int) -> in
     layers = [iv.layer if isinstance(iv, Steer) else min(iv.neurons.layers, default=n_layers)
               for cond in conditions for iv in cond]
     return min(layers, default=n_layers)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end the first, shared pass once the last shared layer has run."""
 
 
 class _Replay(nn.Module):
@@ -83,24 +79,11 @@ def forward_conditions(lm: LoadedModel, batch: dict[str, torch.Tensor],
     with intervene(lm, conds, rows_per_condition=rows, last_index=last_index):
         if not share_prefix or len(conds) == 1 or first == 0:
             return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
-        layers = lm.spec.layer_modules(lm.model)
         module_list = lm.spec.layer_container(lm.model)
-        captured: list[Any] = []
-
-        def stop(_m: nn.Module, _args: Any, output: Any) -> None:
-            captured.append(output)
-            raise _Stop
-
-        handle = layers[first - 1].register_forward_hook(stop)
-        try:
-            forward(lm, batch)
-        except _Stop:
-            pass
-        finally:
-            handle.remove()
-        if not captured:           # the model never reached the layer: fall back to the plain pass
+        output = forward_through(lm, batch, first - 1)
+        if output is None:         # the model never reached the layer: fall back to the plain pass
             return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
-        shared = _repeat(captured[0], rows, len(conds))
+        shared = _repeat(output, rows, len(conds))
         originals = [module_list[i] for i in range(first)]
         try:
             for i in range(first):

@@ -72,5 +72,30 @@ def forward(lm: LoadedModel, batch: dict[str, torch.Tensor], **kwargs: Any) -> A
         return lm.model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False, **kwargs)
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early (see :func:`forward_through`)."""
+
+
+def forward_through(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int | None = None) -> Any:
+    """Run ``batch`` through layers 0..``layer`` (default: the last) and stop there: no final norm,
+    no unembedding. Recording needs nothing after the last hooked layer, and the unembedding alone
+    is a fifth of SmolLM2's per-token work. Returns that layer's output."""
+    layers = lm.spec.layer_modules(lm.model)
+    captured: list[Any] = []
+
+    def stop(_m: Any, _args: Any, output: Any) -> None:
+        captured.append(output)
+        raise StopForward
+
+    handle = layers[lm.n_layers - 1 if layer is None else layer].register_forward_hook(stop)
+    try:
+        forward(lm, batch)
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured[0] if captured else None
+
+
 def batches(n: int, batch_size: int) -> list[range]:
     return [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]

@@ -30,7 +30,7 @@ from neuronatlas.data.prompts import PromptSet
 from neuronatlas.errors import DatasetError
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
-from neuronatlas.record.batching import encode_ids, forward, pad_ids
+from neuronatlas.record.batching import encode_ids, forward_through, pad_ids
 from neuronatlas.record.hooks import site_hooks
 from neuronatlas.stats.running import LabelMoments, TopK
 from neuronatlas.store.atlas import Atlas
@@ -157,7 +157,7 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
         current.update(mask=mask, rows=np.array(rows), labels=labels_t[tok_prompt], prompt=tok_prompt,
                        pos=batch["position_ids"].cpu()[mask])
         with site_hooks(lm, config.component, observe=observe, batch_size=len(rows)):
-            forward(lm, batch)
+            forward_through(lm, batch)            # nothing after the last layer is needed
         moments.commit(labels_t[tok_prompt])
         n_tokens_seen += int(mask.sum())
         if pooled is not None:
