@@ -118,5 +118,7 @@ def test_lape_scorer_in_the_study(tmp_path):
     for c in labels:
         want = [divmod(int(f), lm.n_neurons) for f in lape.select_concept(c, 8)]
         assert sorted(tuple(p) for p in res["selected"][c]) == sorted(want) and 0 < len(want) <= 8
+    md = (tmp_path / "study/summary.md").read_text()
+    assert "| country_capital |" in md and "LAPE scorer" in md and "Jaccard(AP, LAPE)" in md
     comp = res["scorer_comparison"]["country_capital"]
     assert 0.0 <= comp["ap_lape_jaccard"] <= 1.0 and comp["lape_assigned"] >= len(res["selected"]["country_capital"])

@@ -16,7 +16,7 @@ import numpy as np
 from neuronatlas.intervene import NeuronSet
 from neuronatlas.report import Section, Table, write_report
 from neuronatlas.report import plots
-from neuronatlas.store.atlas import write_json_atomic
+from neuronatlas.store.atlas import atomic_path, write_json_atomic
 from neuronatlas.studies.common import jaccard, mean_ci
 
 __all__ = ["summarise", "write_outputs"]
@@ -263,4 +263,46 @@ def write_outputs(out: Path, results: dict[str, Any], selected: Mapping[str, Neu
                  intro="Which MLP neurons carry a relation, and what happens to factual recall when they are switched off "
                        "(after Liu et al. 2025), with layer-matched random baselines and significance tests.")
     write_json_atomic(out / "results.json", results)
+    with atomic_path(out / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(results), encoding="utf-8")
     return results
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """The headline table and computed findings as Markdown (``summary.md``, the source of docs/results.md)."""
+    s, cfg, prov = results["summary"], results["config"], results["provenance"]
+    model = prov["model"]
+    sha = model.get("file_sha256") or model.get("revision") or "–"
+    lines = [f"## Relation-specific neurons — {model.get('model')} (sha256 {str(sha)[:16]}…)", "",
+             f"Setup: {results['prompting']}, site {cfg['site']}, {cfg['pool']} pooling, {cfg['scorer'].upper()} scorer, "
+             f"{results['n_selected']} neurons per relation (of {results['n_neurons_total']}), {cfg['seeds']} layer-matched "
+             f"random baselines per condition, identification languages {', '.join(cfg['langs'])}; "
+             f"wall time {results['timing']['seconds']:.0f} s.", "",
+             "| relation | test facts | first-token acc | known | acc after deactivating 100% of its neurons | "
+             "random, same layers (mean [95% CI]) |", "|---|---|---|---|---|---|"]
+    for r, v in s["baseline_table"].items():
+        full = (s["cumulativity"].get(r) or [None])[-1]
+        if full is None:
+            after, rand = "not evaluated", "–"
+        else:
+            after = _fmt(full["acc_selected"])
+            rand = f"{_fmt(full['acc_random'])} [{_fmt(full['acc_random_lo'])}, {_fmt(full['acc_random_hi'])}]"
+        lines.append(f"| {r} | {v['facts']} | {_fmt(v['first_token_acc'])} | {v['known']} | {after} | {rand} |")
+    lines += ["", "Findings (computed by the study):", ""]
+    lines += [f"- **{k}**: {v}" for k, v in sorted(results["findings"].items())]
+    sig = [d for d in s["interference"] if d["significant_fdr05"]]
+    if sig:
+        lines += ["", "Significant interference pairs (Wilcoxon vs random baseline, BH q < 0.05):", ""]
+        lines += [f"- deactivating {d['deactivated']} raises {d['evaluated']} by {d['delta_acc']:+.2f} "
+                  f"(random: {d['delta_acc_random']:+.2f}, p = {d['p']:.3g})" for d in sig]
+    comp = results.get("scorer_comparison") or {}
+    if comp:
+        lines += ["", "Scorer agreement on the evaluation language (Jaccard with the AP set):", "",
+                  "| relation | SMD-significant | Jaccard(AP, SMD) | LAPE candidates | Jaccard(AP, LAPE) |", "|---|---|---|---|---|"]
+        lines += [f"| {c} | {v['smd_significant']} | {_fmt(v['ap_smd_jaccard'], '.3f')} | {v.get('lape_assigned', '–')} | "
+                  f"{_fmt(v.get('ap_lape_jaccard'), '.3f')} |" for c, v in comp.items()]
+    return "\n".join(lines) + "\n"
