@@ -277,7 +277,10 @@ def summary_markdown(results: dict[str, Any]) -> str:
     s, cfg, prov = results["summary"], results["config"], results["provenance"]
     model = prov["model"]
     sha = model.get("file_sha256") or model.get("revision") or "–"
-    lines = [f"## Relation-specific neurons — {model.get('model')} (sha256 {str(sha)[:16]}…)", "",
+    name = str(model.get("model"))
+    if model.get("file"):
+        name += f", {Path(str(model['file'])).name}"
+    lines = [f"## Relation-specific neurons — {name} (sha256 {str(sha)[:16]}…)", "",
              f"Setup: {results['prompting']}, site {cfg['site']}, {cfg['pool']} pooling, {cfg['scorer'].upper()} scorer, "
              f"{results['n_selected']} neurons per relation (of {results['n_neurons_total']}), {cfg['seeds']} layer-matched "
              f"random baselines per condition, identification languages {', '.join(cfg['langs'])}; "
