@@ -10,7 +10,8 @@ recording can checkpoint, resume and shard across workers.
     >>> m.merge(other_shard)
 
 Means and sums of squared deviations are combined with Chan et al.'s parallel update in float64;
-each batch's own moments are computed in the activations' dtype (float32).
+each batch's own sums (of x and x**2, per label) are float32 matrix products, turned into the batch
+mean and squared deviations in float64.
 """
 
 from __future__ import annotations
@@ -74,17 +75,15 @@ class LabelMoments:
         """Count a batch's tokens after every slice was added with ``update(..., at=i)``."""
         self.count += torch.bincount(labels, minlength=self.n_labels).double()
 
-    def _combine(self, k: int, n_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor, *, at: int | None = None) -> None:
+    def _combine(self, k: int, n_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n_a = float(self.count[k])
         total = n_a + n_b
         if total == 0:
             return
-        mean, m2 = (self.mean[k], self.m2[k]) if at is None else (self.mean[k, at], self.m2[k, at])
-        delta = mean_b - mean
-        mean += delta * (n_b / total)
-        m2 += m2_b + delta**2 * (n_a * n_b / total)
-        if at is None:
-            self.count[k] = total
+        delta = mean_b - self.mean[k]
+        self.mean[k] += delta * (n_b / total)
+        self.m2[k] += m2_b + delta**2 * (n_a * n_b / total)
+        self.count[k] = total
 
     def merge(self, other: "LabelMoments") -> "LabelMoments":
         """Fold another shard's statistics (same labels and shape) into this one."""
@@ -147,8 +146,9 @@ class TopK:
         """``x``: (tokens, *shape); ``prompt``/``position``: (tokens,) ids of each token.
 
         With ``at=i``, ``x`` is (tokens, units) and only row ``i`` of a (rows, units, k) top-k is
-        updated. Only units with a token strictly above their current k-th value can change, so once
-        the lists are full a batch costs one comparison plus a top-k over the few units concerned.
+        updated. Once every list is full, only (token, unit) pairs strictly above the unit's current
+        k-th value can enter: they are listed with one comparison, ranked per unit with two stable
+        sorts, and merged with the lists of the units concerned only.
         """
         if at is None:
             kk = min(self.k, x.shape[0])
