@@ -12,8 +12,7 @@ import datetime as _dt
 import json
 import math
 import platform
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 from neuronatlas.intervene.neurons import NeuronSet
 from neuronatlas.store.atlas import write_json_atomic
 
-__all__ = ["random_like", "mean_ci", "StudyState", "study_provenance", "jaccard", "count_forwards"]
+__all__ = ["random_like", "mean_ci", "StudyState", "study_provenance", "jaccard"]
 
 
 def random_like(selected: NeuronSet, n_neurons: int, seed: int, exclude: NeuronSet | None = None) -> NeuronSet:
@@ -102,22 +101,3 @@ def study_provenance(lm: Any, *, seed: int, dataset_sha256: str, extra: dict[str
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
-
-
-@contextmanager
-def count_forwards(lm: Any) -> Iterator[dict[str, int]]:
-    """Count the model's forward calls and the rows (sequences) they processed inside the block."""
-    counts = {"calls": 0, "rows": 0, "tokens": 0}
-
-    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        counts["calls"] += 1
-        if ids is not None:
-            counts["rows"] += int(ids.shape[0])
-            counts["tokens"] += int(ids.numel())
-
-    handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield counts
-    finally:
-        handle.remove()

@@ -39,7 +39,8 @@ from neuronatlas.record import RecordConfig, record
 from neuronatlas.stats.lape import LAPEScorer
 from neuronatlas.stats.scorers import APScorer, SMDScorer
 from neuronatlas.store import Atlas
-from neuronatlas.studies.common import StudyState, count_forwards, random_like, study_provenance
+from neuronatlas.evaluate.perplexity import ForwardCount, count_forwards
+from neuronatlas.studies.common import StudyState, random_like, study_provenance
 
 __all__ = ["RelationStudyConfig", "run_relation_study", "concept_name", "load_facts"]
 
@@ -158,7 +159,7 @@ def run_relation_study(lm: LoadedModel, out_dir: str | Path, config: RelationStu
 
 
 def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, facts: list[dict[str, Any]] | None,
-         atlas: str | Path | None, progress: ProgressFactory | None, forwards: dict[str, int]) -> dict[str, Any]:
+         atlas: str | Path | None, progress: ProgressFactory | None, forwards: ForwardCount) -> dict[str, Any]:
     from neuronatlas.data.relations import build_relation_facts, provenance as facts_provenance
     from neuronatlas.studies.relations_report import write_outputs
 
@@ -185,11 +186,11 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
                                     "split": "identify"} for r in ident_rows], source="relation facts")
     rec_cfg = RecordConfig(component=config.site, pool=config.pool, batch_size=32, top_k=10)
     bar = progress("recording identification prompts", len(prompts)) if progress else None
-    rows_before = forwards["rows"]
+    rows_before = forwards.rows
     with (bar if bar is not None else _null()) as update:
         rec = record(lm, prompts, store, name="relations", config=rec_cfg,
                      progress=(lambda done, total: update(done)) if update else None)
-    recorded_rows = forwards["rows"] - rows_before
+    recorded_rows = forwards.rows - rows_before
     assert rec.pooled is not None
     L, N = lm.n_layers, lm.n_neurons
     responses = rec.pooled.reshape(len(prompts), L * N)
@@ -320,8 +321,8 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
         "selected": {c: [list(p) for p in ns.pairs] for c, ns in selected.items()},
         "baseline": baseline, "raw": results_by_rel,
         "timing": {"seconds": round(time.perf_counter() - t_start, 1), "forward_rows": counter["forward_rows"],
-                   "record_seconds": rec.info.get("record_seconds"), "model_forward_calls": forwards["calls"],
-                   "model_forward_rows": forwards["rows"], "model_forward_tokens": forwards["tokens"],
+                   "record_seconds": rec.info.get("record_seconds"), "model_forward_calls": forwards.forwards,
+                   "model_forward_rows": forwards.rows, "model_forward_tokens": forwards.tokens,
                    # the minimum: every identification prompt recorded this run, and every (condition, fact) pair, once
                    "minimum_rows": counter["forward_rows"] + recorded_rows},
     }
