@@ -50,10 +50,10 @@ ProgressFactory = Callable[[str, int], Any]
 @dataclass(frozen=True)
 class RelationStudyConfig:
     relations: tuple[str, ...] | None = None     # None: every relation in the facts
-    langs: tuple[str, ...] = ("en", "de")           # add fr, es for the full cross-lingual comparison
+    langs: tuple[str, ...] = ("en", "de", "fr", "es")   # identification languages (cross-lingual comparison)
     eval_lang: str = "en"                        # language whose held-out facts are evaluated
-    max_identify_facts: int = 20                 # facts per relation and language used to find neurons
-    max_test_facts: int = 30                     # held-out facts evaluated per relation
+    max_identify_facts: int = 40                 # facts per relation and language used to find neurons
+    max_test_facts: int = 50                     # held-out facts evaluated per relation
     n_test: int = 50                             # held-out facts per relation in the split
     few_shot: int = 0                            # demonstrations prefixed to evaluation prompts
     site: Literal["mlp", "gate"] = "mlp"
