@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import time
 import warnings
 
@@ -371,3 +372,13 @@ def test_generation_blocks_match_separate_generate_calls() -> None:
     assert got[1] == generate(lm, b, conditions=[ablate], max_new_tokens=6)[0]
     assert got[2] == generate(lm, a, conditions=[ablate], max_new_tokens=6)[0]
     assert got[0] != got[2]
+
+
+def test_auto_threads_respects_a_request_and_stays_in_range() -> None:
+    import torch
+
+    from neuronatlas.cli.languages import _busy_cores, auto_threads
+
+    assert auto_threads(3) == 3
+    assert 1 <= auto_threads() <= torch.get_num_threads()
+    assert 0.0 <= _busy_cores(0.05) <= (os.cpu_count() or 1) + 1e-9

@@ -22,7 +22,7 @@ __all__ = ["register"]
 
 LangsOpt = Annotated[str, typer.Option(help="comma-separated ISO codes (default: en,fr,de,es,it,pt,ru,ar)")]
 ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads; 0 = the idle cores (CPU count minus the "
-                                              "1-minute load average, at least 1)")]
+                                              "cores busy over the last 0.25 s, at least 1)")]
 
 
 def auto_threads(requested: int = 0) -> int:
@@ -35,11 +35,33 @@ def auto_threads(requested: int = 0) -> int:
 
     if requested > 0:
         return requested
+    busy = _busy_cores()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - int(round(busy))))
+
+
+def _busy_cores(window: float = 0.25) -> float:
+    """Cores busy right now: the non-idle share of CPU time over ``window`` seconds (Linux
+    ``/proc/stat``) times the core count; elsewhere the 1-minute load average, which lags a job
+    that has just ended by about a minute."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:]]
+        return sum(fields), fields[3] + (fields[4] if len(fields) > 4 else 0)      # total, idle + iowait
+
     try:
-        load = os.getloadavg()[0]
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+        if total1 > total0:
+            return (1.0 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.getloadavg()[0]
     except OSError:
-        load = 0.0
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - int(round(load))))
+        return 0.0
 
 
 def _langs(text: str) -> list[str] | None:
