@@ -131,6 +131,11 @@ def test_detect_language() -> None:
     assert detect_language(texts) == ["en", "fr", "de", "es", None, None, None]
     assert detect_language(texts, seed=0) == detect_language(texts, seed=0)
     assert detect_language(["这是一个简单的中文句子。"]) == ["zh"]
+    more = ["Der Hund schläft im Garten, während die Kinder in der Schule sind.",
+            "El perro duerme en el jardín mientras los niños están en la escuela.",
+            "Собака спит в саду, пока дети находятся в школе."]
+    assert detect_language(more) == ["de", "es", "ru"]
+    assert detect_language(texts[:2], seed=3) == ["en", "fr"]
 
 
 def test_default_corpus_deterministic_and_mixed() -> None:

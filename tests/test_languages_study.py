@@ -253,21 +253,6 @@ def test_perplexity_of_nothing_is_nan() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# language detector wrapper
-@pytest.mark.skipif(importlib.util.find_spec("langdetect") is None, reason="langdetect not installed")
-def test_detect_language_on_known_sentences() -> None:
-    from neuronatlas.data.languages import detect_language
-
-    texts = ["The weather is lovely today and we are going for a long walk in the park.",
-             "Le chat dort sur le canapé pendant que nous préparons le dîner.",
-             "Der Hund schläft im Garten, während die Kinder in der Schule sind.",
-             "El perro duerme en el jardín mientras los niños están en la escuela.",
-             "Собака спит в саду, пока дети находятся в школе.", "", "   "]
-    assert detect_language(texts) == ["en", "fr", "de", "es", "ru", None, None]
-    assert detect_language(texts[:2], seed=3) == ["en", "fr"]
-
-
-# ---------------------------------------------------------------------------------------------
 # the study
 ROWS = {
     "en": ["In the beginning God created the heavens and the earth.", "The earth was formless and empty.",
