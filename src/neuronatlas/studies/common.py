@@ -53,8 +53,10 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     return (mean, mean - half, mean + half)
 
 
-def jaccard(a: NeuronSet, b: NeuronSet) -> float:
-    sa, sb = set(a.pairs), set(b.pairs)
+def jaccard(a: NeuronSet | set[Any], b: NeuronSet | set[Any]) -> float:
+    """Jaccard index of two neuron sets (``NeuronSet`` or plain sets of neuron ids); NaN when both are empty."""
+    sa = set(a.pairs) if isinstance(a, NeuronSet) else set(a)
+    sb = set(b.pairs) if isinstance(b, NeuronSet) else set(b)
     union = len(sa | sb)
     return len(sa & sb) / union if union else math.nan
 

@@ -33,14 +33,14 @@ import torch
 from neuronatlas.data.prompts import PromptSet
 from neuronatlas.errors import DatasetError
 from neuronatlas.evaluate.core import target_logprobs
+from neuronatlas.evaluate.perplexity import ForwardCount, count_forwards
 from neuronatlas.intervene import Ablate, Clamp, NeuronSet
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record import RecordConfig, record
 from neuronatlas.stats.lape import LAPEScorer
 from neuronatlas.stats.scorers import APScorer, SMDScorer
 from neuronatlas.store import Atlas
-from neuronatlas.evaluate.perplexity import ForwardCount, count_forwards
-from neuronatlas.studies.common import StudyState, random_like, study_provenance
+from neuronatlas.studies.common import StudyState, jaccard, random_like, study_provenance
 
 __all__ = ["RelationStudyConfig", "run_relation_study", "concept_name", "load_facts"]
 
@@ -211,8 +211,8 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
         compare = lang == config.eval_lang
         smd = SMDScorer().fit(x, lab_idx) if config.scorer == "smd" or compare else None
         # LAPE on token-level activation probabilities of this language's concepts (the record has them)
-        lape = (LAPEScorer().fit(rec.moments.act_prob[[rec.labels.index(c) for c in local_labels]],
-                                 counts=rec.moments.count[[rec.labels.index(c) for c in local_labels]],
+        rec_idx = [rec.labels.index(c) for c in local_labels]
+        lape = (LAPEScorer().fit(rec.moments.act_prob[rec_idx], counts=rec.moments.count[rec_idx],
                                  languages=local_labels)
                 if config.scorer == "lape" or compare else None)
         for c, concept in enumerate(local_labels):
@@ -231,9 +231,9 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
                 smd_set = set(smd.select(c, n_select).tolist())
                 lape_set = set(lape.select_concept(concept, n_select).tolist())
                 alt[concept] = {"smd_significant": int(smd.significant_[c].sum()),
-                                "ap_smd_jaccard": _jac(ap_set, smd_set),
+                                "ap_smd_jaccard": jaccard(ap_set, smd_set),
                                 "lape_assigned": int(np.isfinite(lape.concept_scores(concept)).sum()),
-                                "ap_lape_jaccard": _jac(ap_set, lape_set),
+                                "ap_lape_jaccard": jaccard(ap_set, lape_set),
                                 "ap_max": float(ap.scores_[c].max()), "ap_base_rate": float(ap.base_rate_[c])}
     unscored = [c for c in concepts if c not in selected]  # a language with a single relation has no negatives
     concepts = sorted(selected)
@@ -337,10 +337,6 @@ class _null:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _jac(a: set[int], b: set[int]) -> float:
-    return len(a & b) / max(1, len(a | b))
 
 
 def _rank_order(ns: NeuronSet, score: np.ndarray, n_neurons: int) -> list[int]:
