@@ -135,18 +135,16 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
     n_tokens_seen = 0
     pending: list[int] = []
     labels_t = torch.from_numpy(prompt_labels)
-    current: dict[str, Any] = {}
 
     def observe(layer: int, h: torch.Tensor) -> None:
         # fold this layer into the statistics while its activations are still in cache; the full
-        # (tokens, layers, neurons) tensor never exists
-        mask, rows_t, tok_labels, tok_prompt, tok_pos = (current[k] for k in ("mask", "rows", "labels", "prompt", "pos"))
+        # (tokens, layers, neurons) tensor never exists. mask, rows and tok_* are the current batch's.
         hl = h.detach().float().cpu()                                             # (B, T, N)
         flat = hl[mask]                                                           # (tokens, N)
         moments.update(flat, tok_labels, at=layer)
         topk.update(flat, tok_prompt, tok_pos, at=layer)
         if pooled is not None:
-            pooled[rows_t, layer] = _pool(hl, mask, config.pool).numpy().astype(np.float16)
+            pooled[rows, layer] = _pool(hl, mask, config.pool).numpy().astype(np.float16)
 
     for b in range(start_batch, len(batches)):
         rows = batches[b]
@@ -154,11 +152,11 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
         mask = batch["attention_mask"].bool().cpu()
         row_of_token = torch.arange(len(rows))[:, None].expand_as(mask)[mask]
         tok_prompt = torch.tensor(rows)[row_of_token]
-        current.update(mask=mask, rows=np.array(rows), labels=labels_t[tok_prompt], prompt=tok_prompt,
-                       pos=batch["position_ids"].cpu()[mask])
+        tok_labels = labels_t[tok_prompt]
+        tok_pos = batch["position_ids"].cpu()[mask]
         with site_hooks(lm, config.component, observe=observe, batch_size=len(rows)):
             forward_through(lm, batch)            # nothing after the last layer is needed
-        moments.commit(labels_t[tok_prompt])
+        moments.commit(tok_labels)
         n_tokens_seen += int(mask.sum())
         if pooled is not None:
             pending.extend(rows)
@@ -182,13 +180,12 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
 
 
 def _pool(acts: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
-    """(B, T, ...) activations -> (B, ...) pooled over each row's real tokens."""
-    extra = (None,) * (acts.dim() - 2)
-    m = mask[(slice(None), slice(None), *extra)].to(acts.dtype)
+    """(B, T, N) activations of one layer -> (B, N) pooled over each row's real tokens."""
+    m = mask[:, :, None].to(acts.dtype)
     if pool == "mean":
         return (acts * m).sum(1) / m.sum(1).clamp(min=1)
     if pool == "max":
-        return acts.masked_fill(~mask[(slice(None), slice(None), *extra)], float("-inf")).max(1).values
+        return acts.masked_fill(~mask[:, :, None], float("-inf")).max(1).values
     last = mask.long().cumsum(1).argmax(1)  # index of the last real token
     return acts[torch.arange(acts.shape[0]), last]
 
