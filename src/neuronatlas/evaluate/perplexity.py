@@ -21,10 +21,8 @@ C conditions cost one forward pass per batch while ``C * rows * width`` stays un
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +31,7 @@ from neuronatlas.errors import InterventionError
 from neuronatlas.intervene.interventions import Intervention, normalize_conditions
 from neuronatlas.intervene.shared import forward_conditions
 from neuronatlas.models.loading import LoadedModel
-from neuronatlas.record.batching import encode_ids, pad_ids
+from neuronatlas.record.batching import ForwardCount, count_forwards, encode_ids, pad_ids  # re-exported
 
 __all__ = ["PerplexityResult", "ForwardCount", "text_nll", "perplexity", "count_forwards"]
 
@@ -58,36 +56,6 @@ class PerplexityResult:
         idx = torch.arange(self.nll.shape[1]) if texts is None else torch.as_tensor(list(texts), dtype=torch.long)
         total = float(self.n_tokens[idx].sum())
         return torch.tensor([perplexity(float(v), total) for v in self.nll[:, idx].sum(1)], dtype=torch.float64)
-
-
-@dataclass
-class ForwardCount:
-    """Forward passes through a model inside :func:`count_forwards`, with the rows and tokens they carried."""
-
-    forwards: int = 0
-    rows: int = 0
-    tokens: int = 0
-
-
-@contextmanager
-def count_forwards(lm: LoadedModel) -> Iterator[ForwardCount]:
-    """Count every call of ``lm.model`` (a generation step is one call) inside the block."""
-    count = ForwardCount()
-
-    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None:
-            ids = kwargs.get("inputs_embeds")
-        count.forwards += 1
-        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
-            count.rows += int(ids.shape[0])
-            count.tokens += int(ids.shape[0] * ids.shape[1])
-
-    handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield count
-    finally:
-        handle.remove()
 
 
 def text_nll(lm: LoadedModel, texts: Sequence[str], *, conditions: ConditionsArg = ((),), batch_size: int = 16,

@@ -10,14 +10,17 @@ each real token the same position (HF's plain forward would otherwise count padd
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
 from neuronatlas.models.loading import LoadedModel
 
-__all__ = ["encode", "encode_ids", "forward", "repeat_batch", "batches", "last_positions"]
+__all__ = ["encode", "encode_ids", "forward", "forward_through", "repeat_batch", "batches", "last_positions",
+           "ForwardCount", "count_forwards"]
 
 PaddingSide = Literal["left", "right"]
 
@@ -95,6 +98,36 @@ def forward_through(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int 
     finally:
         handle.remove()
     return captured[0] if captured else None
+
+
+@dataclass
+class ForwardCount:
+    """Forward passes through a model inside :func:`count_forwards`, with the rows and tokens they carried."""
+
+    forwards: int = 0
+    rows: int = 0
+    tokens: int = 0
+
+
+@contextmanager
+def count_forwards(lm: LoadedModel) -> Iterator[ForwardCount]:
+    """Count every call of ``lm.model`` (a generation step is one call) inside the block."""
+    count = ForwardCount()
+
+    def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None:
+            ids = kwargs.get("inputs_embeds")
+        count.forwards += 1
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+            count.rows += int(ids.shape[0])
+            count.tokens += int(ids.shape[0] * ids.shape[1])
+
+    handle = lm.model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
 
 
 def batches(n: int, batch_size: int) -> list[range]:

@@ -33,10 +33,10 @@ import torch
 from neuronatlas.data.prompts import PromptSet
 from neuronatlas.errors import DatasetError
 from neuronatlas.evaluate.core import target_logprobs
-from neuronatlas.evaluate.perplexity import ForwardCount, count_forwards
 from neuronatlas.intervene import Ablate, Clamp, NeuronSet
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record import RecordConfig, record
+from neuronatlas.record.batching import ForwardCount, count_forwards
 from neuronatlas.stats.lape import LAPEScorer
 from neuronatlas.stats.scorers import APScorer, SMDScorer
 from neuronatlas.store import Atlas
