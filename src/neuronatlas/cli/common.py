@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-__all__ = ["console", "err_console", "ModelOpt", "DtypeOpt", "DeviceOpt", "JsonOpt", "progress_bar", "emit",
+__all__ = ["console", "err_console", "ModelOpt", "DtypeOpt", "DeviceOpt", "JsonOpt", "progress_bar", "phase_progress", "emit",
            "load_model_cli"]
 
 console = Console()
@@ -31,14 +31,35 @@ def progress_bar(description: str, total: int | None = None, *, enabled: bool = 
     if not enabled:
         yield lambda done, total=None: None
         return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=err_console, transient=False) as prog:
+    with _progress() as prog:
         task = prog.add_task(description, total=total)
 
         def update(done: int, new_total: int | None = None) -> None:
             prog.update(task, completed=done, total=new_total if new_total is not None else prog.tasks[task].total)
 
         yield update
+
+
+@contextmanager
+def phase_progress(*, enabled: bool = True) -> Iterator[Callable[[str, int, int], None]]:
+    """Yield ``tick(phase, done, total)``: one bar per phase, added when the phase first ticks."""
+    if not enabled:
+        yield lambda phase, done, total: None
+        return
+    with _progress() as prog:
+        tasks: dict[str, Any] = {}
+
+        def tick(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = prog.add_task(phase, total=total)
+            prog.update(tasks[phase], completed=done, total=total)
+
+        yield tick
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err_console, transient=False)
 
 
 def emit(data: Any, as_json: bool, render: Callable[[Any], None] | None = None) -> None:

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, err_console, load_model_cli
+from neuronatlas.cli.common import (
+    DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, phase_progress,
+)
 
 __all__ = ["register"]
 
@@ -155,15 +156,7 @@ def _study(out: Path, model: str, langs: str, n_per_lang: int, seeds: int, atlas
     if chosen is not None:
         config = dataclasses.replace(config, langs=tuple(chosen))
     lm = load_model_cli(model, dtype, device, quiet=as_json)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, disable=as_json) as prog:
-        tasks: dict[str, TaskID] = {}
-
-        def tick(phase: str, done: int, total: int) -> None:
-            if phase not in tasks:
-                tasks[phase] = prog.add_task(phase, total=total)
-            prog.update(tasks[phase], completed=done, total=total)
-
+    with phase_progress(enabled=not as_json) as tick:
         res = run_languages_study(lm, out, config, atlas=atlas, rows=rows, progress=tick)
     langs_done = res["languages"]
     summary = {"out": str(out), "report": str(out / "report.html"), "timings_s": res["timings_s"],
