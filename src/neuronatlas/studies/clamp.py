@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from neuronatlas.data.prompts import PromptSet
@@ -65,6 +64,7 @@ from neuronatlas.studies.common import (
     StudyState,
     mean_ci,
     random_like,
+    replace_selections,
     study_provenance,
 )
 
@@ -241,17 +241,7 @@ def write_selections(atlas: Atlas | str | Path, lm: LoadedModel, concept: str, n
                     "neuron": pa.array([n["neuron"] for n in neurons], pa.int64()),
                     "score": pa.array([n["score"] for n in neurons], pa.float64()),
                     "rank": pa.array([n["selection_rank"] for n in neurons], pa.int64())})
-    if store.has("selections.parquet"):
-        old = store.read_table("selections.parquet")
-        same = pc.and_(pc.equal(old.column("study"), study), pc.equal(old.column("concept"), concept))
-        kept = old.filter(pc.invert(pc.fill_null(same, False)))
-        try:
-            table = pa.concat_tables([kept, new.select(kept.column_names).cast(kept.schema)])
-        except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError):
-            table = pa.Table.from_pylist(kept.to_pylist() + new.to_pylist())
-    else:
-        table = new
-    path = store.write_table("selections.parquet", table, describe="neurons selected for concepts by studies and scorers")
+    path = replace_selections(store, new, study=study, concept=concept)
 
     def register(m: dict[str, Any]) -> None:
         entry = m.setdefault("studies", {}).setdefault(study, {"kind": study, "concepts": []})

@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from neuronatlas.intervene.neurons import NeuronSet
-from neuronatlas.store.atlas import write_json_atomic
+from neuronatlas.store.atlas import Atlas, atomic_path, write_json_atomic
 
-__all__ = ["random_like", "mean_ci", "StudyState", "study_provenance", "jaccard"]
+__all__ = ["random_like", "mean_ci", "StudyState", "study_provenance", "jaccard", "replace_selections",
+           "copy_into_atlas"]
 
 
 def random_like(selected: NeuronSet, n_neurons: int, seed: int, exclude: NeuronSet | None = None) -> NeuronSet:
@@ -103,3 +106,34 @@ def study_provenance(lm: Any, *, seed: int, dataset_sha256: str, extra: dict[str
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     }
+
+
+def replace_selections(store: Atlas, new: pa.Table, *, study: str, concept: str | None = None) -> Path:
+    """Write ``new`` into the atlas's ``selections.parquet`` in place of the rows of ``study`` (only
+    its ``concept`` rows when given); other studies' rows are kept, cast to the stored schema when
+    they fit. Atomic, like every atlas write."""
+    table = new
+    if store.has("selections.parquet"):
+        old = store.read_table("selections.parquet")
+        if "study" in old.column_names:
+            drop = pc.equal(old["study"], study)
+            if concept is not None:
+                drop = pc.and_(drop, pc.equal(old["concept"], concept))
+            old = old.filter(pc.invert(pc.fill_null(drop, False)))
+        if old.num_rows:
+            try:
+                table = pa.concat_tables([old, new.select(old.column_names).cast(old.schema)])
+            except (pa.ArrowInvalid, pa.ArrowTypeError, KeyError):
+                table = pa.concat_tables([old, new], promote_options="permissive")
+    return store.write_table("selections.parquet", table, describe="neurons selected for concepts by studies and scorers")
+
+
+def copy_into_atlas(store: Atlas, study: str, files: Sequence[Path]) -> None:
+    """Copy a study's output files into ``ATLAS/studies/<study>/`` (each atomically) for the viewer;
+    nothing to do when they already live there."""
+    for path in files:
+        target = store.file(f"studies/{study}/{path.name}")
+        if target == path.resolve():
+            continue
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(path.read_bytes())

@@ -33,7 +33,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from neuronatlas.data.prompts import PromptSet
@@ -47,8 +46,10 @@ from neuronatlas.record import RecordConfig, record
 from neuronatlas.record.batching import encode
 from neuronatlas.report import Section, Table, write_report
 from neuronatlas.stats.lape import CATEGORIES, EntropyMaxScorer, LanguageWarning, LAPEScorer
-from neuronatlas.store import Atlas, atomic_path, write_json_atomic
-from neuronatlas.studies.common import StudyState, jaccard, mean_ci, random_like, study_provenance
+from neuronatlas.store import Atlas, write_json_atomic
+from neuronatlas.studies.common import (
+    StudyState, copy_into_atlas, jaccard, mean_ci, random_like, replace_selections, study_provenance,
+)
 
 __all__ = ["LanguagesConfig", "run_languages_study", "write_language_selections", "STUDY"]
 
@@ -142,11 +143,7 @@ def write_language_selections(store: Atlas, scorer: LAPEScorer, *, study: str = 
                         ("site", pa.string()), ("layer", pa.int32()), ("neuron", pa.int32()),
                         ("score", pa.float64()), ("rank", pa.int32())])
     new = pa.Table.from_pylist(scorer.selection_rows(study=study, method=method, site="gate"), schema=schema)
-    if store.has("selections.parquet"):
-        old = store.read_table("selections.parquet")
-        old = old.filter(pc.not_equal(old["study"], study)) if "study" in old.column_names else old
-        new = pa.concat_tables([old, new], promote_options="permissive")
-    store.write_table("selections.parquet", new, describe="neurons selected for concepts by studies and scorers")
+    replace_selections(store, new, study=study)
     return len(scorer.selected_)
 
 
@@ -224,10 +221,7 @@ def run_languages_study(lm: LoadedModel, out: str | Path, config: LanguagesConfi
     })
     write_json_atomic(out / "results.json", results)
     written = _report(out, results)
-    for path in [out / "results.json", *written]:       # a copy inside the atlas, for the viewer
-        target = store.file(f"studies/{STUDY}/{path.name}")
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(path.read_bytes())
+    copy_into_atlas(store, STUDY, [out / "results.json", *written])      # a copy inside the atlas, for the viewer
     store.update_manifest(lambda m: m.setdefault("studies", {}).__setitem__(STUDY, {
         "kind": STUDY, "path": str(out.resolve()), "created": results["provenance"]["created"], "concepts": langs}))
     return results

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -40,7 +39,9 @@ from neuronatlas.record.batching import ForwardCount, count_forwards
 from neuronatlas.stats.lape import LAPEScorer
 from neuronatlas.stats.scorers import APScorer, SMDScorer
 from neuronatlas.store import Atlas
-from neuronatlas.studies.common import StudyState, jaccard, random_like, study_provenance
+from neuronatlas.studies.common import (
+    StudyState, copy_into_atlas, jaccard, random_like, replace_selections, study_provenance,
+)
 
 __all__ = ["RelationStudyConfig", "run_relation_study", "concept_name", "load_facts"]
 
@@ -384,21 +385,12 @@ def _write_selections(store: Atlas, selected: dict[str, NeuronSet], scores: dict
             rows["rank"].append(rank)
     new = pa.table({k: pa.array(v, type=pa.int32() if k in ("layer", "neuron", "rank") else None)
                     for k, v in rows.items()})
-    if store.has("selections.parquet"):
-        old = store.read_table("selections.parquet")
-        keep = [i for i, s in enumerate(old.column("study").to_pylist()) if s != "relations"]
-        if keep:
-            new = pa.concat_tables([old.take(keep), new.cast(old.schema)])
-    store.write_table("selections.parquet", new, describe="neurons selected per concept by studies")
+    replace_selections(store, new, study="relations")
 
 
 def _mirror_into_atlas(store: Atlas, out: Path, summary: dict[str, Any]) -> None:
-    dest = store.path / "studies" / "relations"
-    if dest.resolve() != out.resolve():
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in out.iterdir():
-            if f.suffix in (".json", ".png", ".html") and f.name != "state.json":
-                shutil.copy2(f, dest / f.name)
+    copy_into_atlas(store, "relations", [f for f in sorted(out.iterdir())
+                                         if f.suffix in (".json", ".png", ".html") and f.name != "state.json"])
     store.update_manifest(lambda m: m.setdefault("studies", {}).__setitem__("relations", {
         "kind": "relations", "path": "studies/relations", "created": summary["provenance"]["created"],
         "concepts": summary["concepts"]}))
