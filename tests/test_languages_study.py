@@ -57,7 +57,7 @@ def test_lape_selection_and_assignment_by_hand() -> None:
     assert s.eligible_[0].tolist() == [True, True, False, False, True, False]
     assert s.n_select_ == 3
     assert s.selected_.tolist() == [[0, 0], [0, 4], [0, 1]]          # entropy 0, 0 (tie: lower index first), log 2
-    np.testing.assert_allclose(s.scores_, [0.0, 0.0, math.log(2)])
+    np.testing.assert_allclose(s.selected_scores_, [0.0, 0.0, math.log(2)])
     assert s.neurons_ == {"a": [(0, 0), (0, 1)], "b": [(0, 4), (0, 1)], "c": []}
     assert s.counts_ == {"a": 2, "b": 2, "c": 0} and s.n_shared_ == 1
     assert s.layer_counts_ == {"a": [2], "b": [2], "c": [0]}
@@ -74,8 +74,8 @@ def test_lape_per_concept_selection_by_hand() -> None:
     score = s.concept_scores("a")
     np.testing.assert_allclose(score[[0, 1]], [0.0, -math.log(2)])
     assert np.isneginf(score[[2, 3, 4, 5]]).all()
-    assert s.select_concept("a", 5).tolist() == [0, 1] and s.select_concept("a", 1).tolist() == [0]
-    assert s.select_concept("b", 5).tolist() == [4, 1] and s.select_concept(2, 5).tolist() == []
+    assert s.top_indices("a", 5).tolist() == [0, 1] and s.top_indices("a", 1).tolist() == [0]
+    assert s.top_indices("b", 5).tolist() == [4, 1] and s.top_indices(2, 5).tolist() == []
 
 
 def test_lape_tie_at_the_cut_goes_to_the_lower_position() -> None:

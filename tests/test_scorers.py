@@ -45,8 +45,9 @@ def test_ap_scorer_selects_informative_neuron_and_both_tails():
     x[labels == 1, 2] -= 5      # neuron 2 switches off for concept 1
     sc = APScorer().fit(x, labels)
     assert sc.scores_.shape == (3, 10)
-    assert int(sc.select(1, 1)[0]) == 6
-    both = sc.select(1, 2, tails="both").tolist()
+    assert int(sc.top_indices(1, 1)[0]) == 6
+    assert sc.select(1, 1).pairs == ((0, 6),)                 # 2-D responses: one layer
+    both = sc.top_indices(1, 2, tails="both").tolist()
     assert both[0] == 6 and 2 in both
     assert sc.scores_[1, 6] == pytest.approx(average_precision_score(labels == 1, x[:, 6]))
 
@@ -64,7 +65,8 @@ def test_smd_matches_scipy_and_fdr():
     assert sc.d_[0, 0] == pytest.approx((a.mean() - b.mean()) / sd)
     assert sc.p_[0, 0] == pytest.approx(stats.ttest_ind(a, b, equal_var=False).pvalue)
     assert sc.significant_[0, 0] and sc.significant_[0].sum() <= 3
-    assert sc.select(0, 5).tolist()[0] == 0
+    assert sc.top_indices(0, 5).tolist()[0] == 0
+    assert len(sc.top_indices(0, 50)) == sc.significant_[0].sum()   # only FDR-significant neurons
 
 
 def test_benjamini_hochberg_hand_example():

@@ -49,6 +49,7 @@ from typing import Any, Literal
 import numpy as np
 
 from neuronatlas.errors import DatasetError
+from neuronatlas.stats.scorers import ConceptScorer, Tails
 
 __all__ = ["LAPEScorer", "EntropyMaxScorer", "LanguageWarning", "kth_threshold", "lape_entropy",
            "CATEGORIES", "DEFAULT_LAMBDAS"]
@@ -144,7 +145,7 @@ class _LanguageScorer:
     def _finish(self, chosen: np.ndarray, scores: np.ndarray, assign: np.ndarray) -> None:
         layers, neurons = np.divmod(chosen, self.n_neurons_)
         self.selected_ = np.stack([layers, neurons], axis=1).astype(np.int64)      # (S, 2) best first
-        self.scores_ = scores.astype(np.float64)
+        self.selected_scores_ = scores.astype(np.float64)                          # (S,) best first
         self.assignment_ = assign                                                  # (S, K) bool
         self.neurons_: dict[str, list[tuple[int, int]]] = {}
         self.neuron_scores_: dict[str, list[float]] = {}
@@ -178,8 +179,13 @@ class _LanguageScorer:
                 "counts": self.counts_, "layer_counts": self.layer_counts_}
 
 
-class LAPEScorer(_LanguageScorer):
-    """Language activation probability entropy (Tang et al. 2024); see the module docstring."""
+class LAPEScorer(_LanguageScorer, ConceptScorer):
+    """Language activation probability entropy (Tang et al. 2024); see the module docstring.
+
+    As a :class:`~neuronatlas.stats.scorers.ConceptScorer`, ``scores_[k]`` is
+    :meth:`concept_scores` of concept k (-entropy where LAPE assigns the neuron to k, -inf
+    elsewhere) and ``select(concept, n)`` the ``n`` lowest-entropy neurons assigned to it.
+    """
 
     def __init__(self, top_rate: float = 0.01, filter_rate: float = 0.95, activation_bar_ratio: float = 0.95) -> None:
         self.top_rate = top_rate
@@ -191,20 +197,34 @@ class LAPEScorer(_LanguageScorer):
         p = self._prepare(act_prob, counts, languages)
         self.entropy_ = lape_entropy(p)                       # (layers, neurons); +inf for dead neurons
         self._finish(*self._select(self.entropy_))
+        self.concepts_ = list(self.languages_)
+        self.layout_ = (self.n_layers_, self.n_neurons_)
+        self.scores_ = np.stack([self.concept_scores(k) for k in range(len(self.languages_))])
         return self
+
+    def fit_record(self, rec: Any, concepts: Sequence[str] | None = None) -> "LAPEScorer":
+        """Fit on a record's token-level activation probabilities of ``concepts`` (default all labels)."""
+        names = list(concepts) if concepts is not None else list(rec.labels)
+        unknown = [c for c in names if c not in rec.labels]
+        if unknown:
+            raise DatasetError(f"concepts {unknown} are not labels of record {rec.name!r} (labels: {rec.labels})")
+        idx = [rec.labels.index(c) for c in names]
+        self.component = rec.config.component
+        return self.fit(rec.moments.act_prob[idx], counts=rec.moments.count[idx], languages=names)
 
     def concept_scores(self, concept: int | str) -> np.ndarray:
         """Per-concept LAPE ranking, flat over (layer, neuron): ``-entropy_`` where the concept's p is
         strictly above ``activation_bar_`` (LAPE's assignment rule) and the neuron is eligible,
         ``-inf`` elsewhere. Higher is more specific to ``concept``; ``top_rate`` plays no part."""
-        k = self.languages_.index(concept) if isinstance(concept, str) else int(concept)
+        k = self.concept_index(concept)
         ok = (self.act_prob_[k] > self.activation_bar_) & self.eligible_ & ~self.dead_
         return np.where(ok, -self.entropy_, -np.inf).reshape(-1)
 
-    def select_concept(self, concept: int | str, n: int) -> np.ndarray:
+    def top_indices(self, concept: int | str, n: int, tails: Tails = "top") -> np.ndarray:
         """The ``n`` neurons (flat indices) with the lowest entropy among those LAPE assigns to
-        ``concept``, best first, ties broken by position; fewer when fewer are assigned. This is how
-        the relation study uses LAPE as a per-concept selector (a fixed count per concept, like AP)."""
+        ``concept``, best first, ties broken by position; fewer when fewer are assigned (LAPE has no
+        negative tail, so ``tails`` is ignored). This is how the relation study uses LAPE as a
+        per-concept selector (a fixed count per concept, like AP)."""
         score = self.concept_scores(concept)
         ok = np.flatnonzero(np.isfinite(score))
         order = ok[np.lexsort((ok, -score[ok]))]

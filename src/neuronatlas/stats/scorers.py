@@ -2,27 +2,40 @@
 attributes end in ``_``). All are vectorised over every neuron at once.
 
     >>> from neuronatlas.stats.scorers import APScorer, SMDScorer
-    >>> ap = APScorer().fit(responses, labels)        # responses: (prompts, neurons); labels: (prompts,)
-    >>> ap.scores_.shape                             # (concepts, neurons) average precision
-    >>> ap.select(concept=0, n=500, tails="top")     # neuron indices, best first
+    >>> ap = APScorer().fit(responses, labels)        # responses: (prompts, layers, neurons); labels: (prompts,)
+    >>> ap.scores_.shape                             # (concepts, layers * neurons) average precision
+    >>> ap.select(concept=0, n=500, tails="top")     # a NeuronSet, best first in ap.top_indices(0, 500)
     >>> smd = SMDScorer(alpha=0.05).fit(responses, labels)
     >>> smd.d_, smd.p_, smd.significant_             # Cohen's d, Welch p-values, BH-FDR mask
+    >>> SCORERS["lape"]().fit_record(rec, concepts=["capital", "symbol"]).select("capital", 100)
 
-``responses`` are pooled per-prompt responses (a record's ``pooled`` array reshaped to
-``(prompts, layers * neurons)``); concept ``k`` is "prompt has label k" against all other prompts.
+``responses`` are pooled per-prompt responses (a record's ``pooled`` array, (prompts, layers,
+neurons), or flattened to (prompts, neurons) for one layer); concept ``k`` is "prompt has label k"
+against all other prompts.
+
+Every scorer (AP, SMD here; LAPE in :mod:`neuronatlas.stats.lape`) shares one interface,
+:class:`ConceptScorer`: ``fit(...)`` or ``fit_record(record, concepts)`` return ``self``;
+``scores_`` is (concepts, neurons) with higher meaning more specific (-inf where a scorer excludes a
+neuron); ``top_indices(concept, n, tails)`` gives flat indices best first and ``select(concept, n,
+tails)`` the same neurons as a :class:`~neuronatlas.intervene.NeuronSet`. Studies pick a scorer by
+name from :data:`SCORERS` and never branch on it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from neuronatlas.errors import DatasetError
+from neuronatlas.intervene.neurons import NeuronSet
+from neuronatlas.stats.inference import benjamini_hochberg
 
-__all__ = ["APScorer", "SMDScorer", "average_precision", "benjamini_hochberg", "top_n"]
+__all__ = ["APScorer", "SMDScorer", "ConceptScorer", "SCORERS", "average_precision", "benjamini_hochberg", "top_n",
+           "scorer"]
 
 Tails = Literal["top", "both"]
 
@@ -94,7 +107,76 @@ def _labels_matrix(labels: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[t
     return lab, int(lab.max()) + 1
 
 
-class APScorer:
+class ConceptScorer:
+    """What every neuron scorer shares: the (layers, neurons) layout, concept names, and selection.
+
+    Subclasses set ``scores_`` (concepts, layers * neurons; higher = more specific, -inf = excluded),
+    ``concepts_`` and ``layout_`` in ``fit``; ``_negative_scores`` gives the ranking for
+    ``tails='both'`` (neurons that switch *off* for a concept), or None where a scorer has none.
+    """
+
+    scores_: Any
+    concepts_: list[str]
+    layout_: tuple[int, int]
+    component: str = "mlp"
+
+    def fit_record(self, rec: Any, concepts: Sequence[str] | None = None) -> "ConceptScorer":
+        """Fit on a :class:`~neuronatlas.record.RecordResult`: its pooled responses of the prompts
+        labelled with one of ``concepts`` (default all labels), each concept against the others."""
+        if rec.pooled is None:
+            raise DatasetError(f"record {rec.name!r} kept no pooled responses; record it with pooled responses")
+        names = list(concepts) if concepts is not None else list(rec.labels)
+        unknown = [c for c in names if c not in rec.labels]
+        if unknown:
+            raise DatasetError(f"concepts {unknown} are not labels of record {rec.name!r} (labels: {rec.labels})")
+        index = {rec.labels.index(c): k for k, c in enumerate(names)}
+        rows = [i for i, lab in enumerate(np.asarray(rec.prompt_labels)) if int(lab) in index]
+        labels = np.array([index[int(rec.prompt_labels[i])] for i in rows])
+        self.component = rec.config.component
+        self.fit(rec.pooled[rows].astype(np.float32), labels)  # type: ignore[attr-defined]
+        self.concepts_ = names
+        return self
+
+    def concept_index(self, concept: int | str) -> int:
+        if isinstance(concept, str):
+            if concept not in self.concepts_:
+                raise DatasetError(f"unknown concept {concept!r}; fitted concepts: {', '.join(self.concepts_)}")
+            return self.concepts_.index(concept)
+        return int(concept)
+
+    def _negative_scores(self, k: int) -> torch.Tensor | None:
+        return None
+
+    def top_indices(self, concept: int | str, n: int, tails: Tails = "top") -> np.ndarray:
+        """Flat indices (layer * neurons + j) of the ``n`` best neurons for ``concept``, best first;
+        ``tails='both'`` adds up to ``n // 2`` of the best by the negative ranking. Excluded (-inf)
+        neurons are never chosen, so fewer than ``n`` may come back."""
+        k = self.concept_index(concept)
+        score = torch.as_tensor(np.asarray(self.scores_[k], dtype=np.float64))
+        chosen = [int(j) for j in top_n(score, n) if bool(torch.isfinite(score[j]))]
+        neg = self._negative_scores(k) if tails == "both" else None
+        if neg is not None:
+            taken = set(chosen)
+            extra = [int(j) for j in top_n(neg, n) if int(j) not in taken and bool(torch.isfinite(neg[j]))]
+            chosen += extra[: n // 2]
+        return np.asarray(chosen, dtype=np.int64)
+
+    def select(self, concept: int | str, n: int, tails: Tails = "top") -> NeuronSet:
+        """The neurons of :meth:`top_indices` as a :class:`NeuronSet` on the fitted component."""
+        width = self.layout_[1]
+        return NeuronSet.of([divmod(int(f), width) for f in self.top_indices(concept, n, tails)], self.component)
+
+
+def _layout(x: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """(prompts, layers * neurons) view of 2-D or 3-D responses, and the (layers, neurons) layout."""
+    if x.ndim == 3:
+        return x.reshape(x.shape[0], -1), (x.shape[1], x.shape[2])
+    if x.ndim == 2:
+        return x, (1, x.shape[1])
+    raise DatasetError(f"responses must be (prompts, neurons) or (prompts, layers, neurons), got shape {x.shape}")
+
+
+class APScorer(ConceptScorer):
     """Expertise of each neuron for each concept: average precision of its pooled responses
     (Liu et al. 2025). ``fit`` computes ``scores_`` (concepts, neurons) and, for ``tails='both'``,
     ``neg_scores_`` (AP of the negated responses: neurons that switch *off* for the concept)."""
@@ -103,7 +185,8 @@ class APScorer:
         self.chunk = chunk
 
     def fit(self, responses: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray) -> "APScorer":
-        x = torch.as_tensor(np.asarray(responses, dtype=np.float32))
+        flat, self.layout_ = _layout(np.asarray(responses, dtype=np.float32))
+        x = torch.as_tensor(flat)
         lab, k = _labels_matrix(labels)
         if x.shape[0] != lab.numel():
             raise DatasetError(f"{x.shape[0]} responses but {lab.numel()} labels; give one label per prompt")
@@ -112,33 +195,14 @@ class APScorer:
             raise DatasetError(f"concept {missing[0]} has no prompts; every label index up to {k - 1} needs prompts")
         self.scores_, self.neg_scores_ = average_precision_multi(x, lab, k, self.chunk)
         self.base_rate_ = torch.bincount(lab, minlength=k).double() / lab.numel()
+        self.concepts_ = [str(c) for c in range(k)]
         return self
 
-    def select(self, concept: int, n: int, tails: Tails = "top") -> torch.Tensor:
-        """Top-``n`` neurons by AP; ``tails='both'`` adds the top ``n // 2`` by AP of the negated responses."""
-        chosen = top_n(self.scores_[concept], n)
-        if tails == "both":
-            extra = [int(j) for j in top_n(self.neg_scores_[concept], n) if int(j) not in set(chosen.tolist())]
-            chosen = torch.cat([chosen, torch.tensor(extra[: n // 2], dtype=torch.long)])
-        return chosen
+    def _negative_scores(self, k: int) -> torch.Tensor:
+        return self.neg_scores_[k]
 
 
-def benjamini_hochberg(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
-    """Boolean mask of hypotheses rejected at false discovery rate ``alpha`` (Benjamini-Hochberg)."""
-    p = np.asarray(p, dtype=float)
-    flat = p.reshape(-1)
-    m = flat.size
-    order = np.argsort(flat, kind="stable")
-    thresh = alpha * np.arange(1, m + 1) / m
-    passed = flat[order] <= thresh
-    mask = np.zeros(m, dtype=bool)
-    if passed.any():
-        last = int(np.nonzero(passed)[0].max())
-        mask[order[: last + 1]] = True
-    return mask.reshape(p.shape)
-
-
-class SMDScorer:
+class SMDScorer(ConceptScorer):
     """Standardised mean difference (Cohen's d, pooled SD) of concept vs other prompts per neuron,
     with Welch's t-test p-values and Benjamini-Hochberg control over all neurons of a concept."""
 
@@ -148,7 +212,7 @@ class SMDScorer:
     def fit(self, responses: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray) -> "SMDScorer":
         from scipy import stats
 
-        x = np.asarray(responses, dtype=np.float64)
+        x, self.layout_ = _layout(np.asarray(responses, dtype=np.float64))
         lab, k = _labels_matrix(labels)
         labs = lab.numpy()
         d, p, sig = [], [], []
@@ -165,15 +229,28 @@ class SMDScorer:
             p.append(p_c)
             sig.append(benjamini_hochberg(p_c, self.alpha))
         self.d_, self.p_, self.significant_ = np.stack(d), np.stack(p), np.stack(sig)
+        # the ranking: d where FDR-significant, -inf elsewhere (never selected)
+        self.scores_ = np.where(self.significant_, self.d_, -np.inf)
+        self.concepts_ = [str(c) for c in range(k)]
         return self
 
-    def select(self, concept: int, n: int, tails: Tails = "top") -> torch.Tensor:
-        """Top-``n`` FDR-significant neurons by d (``both``: also the n//2 most negative)."""
-        d = torch.as_tensor(self.d_[concept])
-        sig = torch.as_tensor(self.significant_[concept])
-        masked = torch.where(sig, d, torch.full_like(d, -torch.inf))
-        chosen = [int(j) for j in top_n(masked, n) if bool(sig[j])]
-        if tails == "both":
-            neg = torch.where(sig, -d, torch.full_like(d, -torch.inf))
-            chosen += [int(j) for j in top_n(neg, n // 2) if bool(sig[j]) and d[j] < 0]
-        return torch.tensor(chosen, dtype=torch.long)
+    def _negative_scores(self, k: int) -> torch.Tensor:
+        """The most negative significant d (neurons suppressed by the concept)."""
+        neg = np.where(self.significant_[k] & (self.d_[k] < 0), -self.d_[k], -np.inf)
+        return torch.as_tensor(neg)
+
+
+def scorer(name: str, **params: Any) -> ConceptScorer:
+    """A scorer by name (``ap``, ``smd``, ``lape``), with its parameters."""
+    if name not in SCORERS:
+        raise DatasetError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
+    return SCORERS[name](**params)
+
+
+def _lape(**params: Any) -> ConceptScorer:
+    from neuronatlas.stats.lape import LAPEScorer
+
+    return LAPEScorer(**params)
+
+
+SCORERS: dict[str, Callable[..., ConceptScorer]] = {"ap": APScorer, "smd": SMDScorer, "lape": _lape}
