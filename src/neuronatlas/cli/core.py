@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -90,12 +90,27 @@ def record_cmd(
 
 
 def query_cmd(atlas: Annotated[Path, typer.Argument(help="atlas directory")],
-              sql: Annotated[str, typer.Argument(help="SQL over the atlas tables (stats, exemplars, prompts, ...)")],
-              as_json: JsonOpt = False, limit: int = 50) -> None:
-    """Run DuckDB SQL over an atlas's Parquet tables."""
+              sql: Annotated[str, typer.Argument(help="one read-only statement (SELECT, EXPLAIN) over the atlas "
+                                                      "tables (stats, exemplars, prompts, ...)")],
+              as_json: JsonOpt = False,
+              limit: Annotated[int, typer.Option(min=1, help="rows shown (the query stops reading after them)")] = 50,
+              timeout: Annotated[float, typer.Option(help="seconds (above 0) before the query is "
+                                                     "interrupted")] = 30.0,
+              out: Annotated[Optional[Path], typer.Option(help="write every row to FILE.csv, .parquet or .json "
+                                                               "(atomically; never inside an atlas)")] = None) -> None:
+    """Run one read-only DuckDB statement over an atlas's tables (confined to the atlas; see docs/safety.md)."""
     from neuronatlas.store import Atlas
+    from neuronatlas.store.output import check_export_path, write_export
 
-    table = Atlas.open(atlas).query(sql)
+    if out is not None:
+        check_export_path(out)
+    store = Atlas.open(atlas)
+    table = store.query(sql, timeout=timeout, max_rows=None if out is not None else limit + 1)
+    if out is not None:
+        write_export(table, out)
+        emit({"out": str(out), "rows": table.num_rows, "columns": table.column_names}, as_json,
+             lambda d: console.print(f"wrote {d['rows']} rows to {d['out']}", highlight=False))
+        return
     rows = table.slice(0, limit).to_pylist()
 
     def render(data: list[dict[str, object]]) -> None:
@@ -104,7 +119,7 @@ def query_cmd(atlas: Annotated[Path, typer.Argument(help="atlas directory")],
             t.add_row(*[f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()])
         console.print(t)
         if table.num_rows > limit:
-            console.print(f"[dim]{table.num_rows - limit} more rows (raise --limit)[/dim]")
+            console.print(f"[dim]more rows not shown (raise --limit, or export them all with --out FILE.csv)[/dim]")
 
     emit(rows, as_json, render)
 

@@ -177,7 +177,7 @@ def collect_exemplars(lm: LoadedModel, corpus: Corpus, atlas: Atlas | str | Path
     simulate a crash).
     """
     lm.spec.check_component(config.component)
-    store = atlas if isinstance(atlas, Atlas) else Atlas.create(atlas, model=lm.provenance)
+    store = atlas if isinstance(atlas, Atlas) else Atlas.create(atlas, model=lm.provenance, force=force)
     fp = _fingerprint(lm, corpus_name, max_docs, config)
     ckpt = store.path / CHECKPOINT_DIR
     if force:
@@ -188,7 +188,7 @@ def collect_exemplars(lm: LoadedModel, corpus: Corpus, atlas: Atlas | str | Path
                             after=config.after_tokens, seed=config.seed, component=config.component)
     start = 0
     if (ckpt / "state.json").exists():
-        meta = json.loads((ckpt / "state.json").read_text())
+        meta = store.read_json(f"{CHECKPOINT_DIR}/state.json")
         if meta.get("fingerprint") == fp:
             stream.load_state(store.read_arrays(f"{CHECKPOINT_DIR}/state.safetensors"))
             start = int(meta["docs_done"])

@@ -94,11 +94,11 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
     if len(prompts) == 0:
         raise DatasetError("the dataset is empty; nothing to record")
     lm.spec.check_component(config.component)
-    store = atlas if isinstance(atlas, Atlas) else Atlas.create(atlas, model=lm.provenance)
+    store = atlas if isinstance(atlas, Atlas) else Atlas.create(atlas, model=lm.provenance, force=force)
     rdir = store.record_dir(name)
     fp = _fingerprint(lm, prompts, config)
     meta_path = rdir / "record.json"
-    if not force and meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == fp:
+    if not force and meta_path.exists() and store.read_json(str(meta_path.relative_to(store.path))).get("fingerprint") == fp:
         return load_record(store, name)
     ckpt = rdir / ".checkpoint"
     if force:
@@ -118,7 +118,7 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
     start_batch = 0
     state_file = ckpt / "state.safetensors"
     if state_file.exists():
-        meta = json.loads((ckpt / "state.json").read_text())
+        meta = store.read_json(str((ckpt / "state.json").relative_to(store.path)))
         if meta.get("fingerprint") == fp:
             state = store.read_arrays(str(state_file.relative_to(store.path)))
             moments = LabelMoments.from_state({k[2:]: v for k, v in state.items() if k.startswith("m.")})

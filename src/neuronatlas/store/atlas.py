@@ -48,23 +48,56 @@ def _package_version() -> str:
     return __version__
 
 
+def _fsync(path: str | Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; rename it onto ``target`` on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
+    """Yield a temporary path next to ``target``; on success fsync it, rename it onto ``target``
+    and fsync the directory, so ``target`` is always the old or the new file, never a part.
+
+    An OSError (full disk, file size limit, read-only file system) becomes one AtlasError line and
+    leaves ``target`` as it was.
+    """
+    tmp: str | None = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.close(fd)
         yield Path(tmp)
+        _fsync(tmp)
         os.replace(tmp, target)
+        _fsync(target.parent, directory=True)
+    except OSError as exc:
+        from neuronatlas.store.output import os_error_message
+
+        raise AtlasError(os_error_message(exc, target)) from exc
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        from neuronatlas.store.output import os_error_message
+
+        raise AtlasError(os_error_message(exc, path, "read")) from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        first = str(exc).splitlines()[0] if str(exc) else "empty file"
+        raise AtlasError(f"{what} {str(path)!r} does not parse ({first}); the atlas is damaged: rebuild it with --force "
+                         "or into a new --out directory (nothing was overwritten)") from None
 
 
 def _identity(model: dict[str, Any]) -> str:
@@ -85,21 +118,36 @@ class Atlas:
 
     # --- creation and manifest ------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | Path, *, model: dict[str, Any]) -> "Atlas":
+    def create(cls, path: str | Path, *, model: dict[str, Any], force: bool = False) -> "Atlas":
         """Open ``path`` as an atlas of ``model``, creating it if needed.
 
-        An existing atlas of another model is refused (its file hash or name differs).
+        An existing atlas of another model is refused (its file hash or name differs); a manifest
+        that does not parse is refused too, unless ``force`` rebuilds it.
         """
+        from neuronatlas.store.output import check_out_dir
+
+        check_out_dir(path)
         atlas = cls(path)
-        if atlas.manifest_path.exists():
-            existing = atlas.manifest()["model"]
+        damaged = False
+        if atlas.manifest_path.exists() and force:
+            try:
+                atlas.manifest()
+            except AtlasError:
+                damaged = True
+        if atlas.manifest_path.exists() and not damaged:
+            existing = atlas.manifest().get("model", {})
             if _identity(existing) != _identity(model):
                 raise AtlasError(
                     f"atlas {str(path)!r} belongs to model {existing.get('model')!r} "
                     f"({_identity(existing)}); choose another --out directory"
                 )
             return atlas
-        atlas.path.mkdir(parents=True, exist_ok=True)
+        try:
+            atlas.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from neuronatlas.store.output import os_error_message
+
+            raise AtlasError(os_error_message(exc, atlas.path, "create")) from None
         write_json_atomic(atlas.manifest_path, {
             "schema_version": SCHEMA_VERSION,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -128,7 +176,12 @@ class Atlas:
         return self.path / "manifest.json"
 
     def manifest(self) -> dict[str, Any]:
-        return json.loads(self.manifest_path.read_text())
+        """The parsed manifest; an unreadable one is an AtlasError (never silently replaced)."""
+        data = _read_json(self.manifest_path, "the manifest")
+        if not isinstance(data, dict):
+            raise AtlasError(f"{str(self.manifest_path)!r} is not a JSON object; the atlas is damaged: rebuild it with "
+                             "--force or into a new --out directory")
+        return data
 
     def update_manifest(self, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
         manifest = self.manifest()
@@ -164,7 +217,11 @@ class Atlas:
         target = self.file(relpath)
         if not target.exists():
             raise AtlasError(f"atlas {str(self.path)!r} has no table {relpath!r}")
-        return pq.read_table(target, columns=columns)
+        try:
+            return pq.read_table(target, columns=columns)
+        except (OSError, pa.ArrowException) as exc:
+            raise AtlasError(f"table {str(target)!r} is unreadable ({str(exc).splitlines()[0] if str(exc) else exc!r}); "
+                             "the atlas is damaged: rebuild it with the command that wrote it and --force") from None
 
     def has(self, relpath: str) -> bool:
         return self.file(relpath).exists()
@@ -184,7 +241,11 @@ class Atlas:
         target = self.file(relpath)
         if not target.exists():
             raise AtlasError(f"atlas {str(self.path)!r} has no array file {relpath!r}")
-        return load_file(str(target))
+        try:
+            return load_file(str(target))
+        except Exception as exc:  # safetensors raises its own SafetensorError on a damaged file
+            raise AtlasError(f"array file {str(target)!r} is unreadable ({str(exc).splitlines()[0]}); rebuild it with "
+                             "the command that wrote it and --force") from None
 
     def write_json(self, relpath: str, data: Any) -> Path:
         target = self.file(relpath)
@@ -195,43 +256,62 @@ class Atlas:
         target = self.file(relpath)
         if not target.exists():
             raise AtlasError(f"atlas {str(self.path)!r} has no file {relpath!r}")
-        return json.loads(target.read_text())
+        return _read_json(target, f"the atlas file {relpath!r}")
 
     # --- SQL ----------------------------------------------------------------------------------
-    def connect(self) -> Any:
-        """A DuckDB connection with one view per table (record tables unioned over records)."""
+    def connect(self, *, sandboxed: bool = True) -> Any:
+        """An in-memory DuckDB connection with one view per table (record tables unioned over records).
+
+        ``sandboxed`` (the default) confines it to reading files inside the atlas and locks its
+        configuration (``store.sql.sandbox``); the viewer opens it unsandboxed, builds its in-memory
+        copies, then sandboxes it.
+        """
         import duckdb
 
+        from neuronatlas.store.sql import sandbox
+
+        root = self.path.resolve()
         con = duckdb.connect(":memory:")
-        for table in RECORD_TABLES:
-            files = sorted(self.path.glob(f"records/*/{table}.parquet"))
-            if files:
-                paths = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
-                con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{paths}], union_by_name=true)")
-        for file in sorted(self.path.glob("*.parquet")):
-            view = re.sub(r"\W", "_", file.stem)
-            path = str(file).replace("'", "''")
-            con.execute(f"CREATE VIEW {view} AS SELECT * FROM read_parquet('{path}')")
+        try:
+            for table in RECORD_TABLES:
+                files = sorted(root.glob(f"records/*/{table}.parquet"))
+                if files:
+                    paths = ", ".join("'" + str(f).replace("'", "''") + "'" for f in files)
+                    con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet([{paths}], union_by_name=true)")
+            for file in sorted(root.glob("*.parquet")):
+                view = re.sub(r"\W", "_", file.stem)
+                path = str(file).replace("'", "''")
+                con.execute(f'CREATE VIEW "{view}" AS SELECT * FROM read_parquet(\'{path}\')')
+            if sandboxed:
+                sandbox(con, root)
+        except duckdb.Error as exc:
+            con.close()
+            raise AtlasError(f"atlas {str(self.path)!r} has an unreadable table: {str(exc).strip().splitlines()[0]}; "
+                             "rebuild it with the command that wrote it (--force)") from None
         return con
 
     def views(self) -> list[str]:
         con = self.connect()
         try:
-            return sorted(r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall())
+            return _views(con)
         finally:
             con.close()
 
-    def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
-        import duckdb
+    def query(self, sql: str, params: list[Any] | None = None, *, timeout: float | None = None,
+              max_rows: int | None = None) -> pa.Table:
+        """Run read-only ``sql`` (SELECT/EXPLAIN, checked by DuckDB's parser) on a sandboxed connection.
+
+        ``timeout`` seconds (None: no limit) and ``max_rows`` bound the work; see ``store.sql``.
+        """
+        from neuronatlas.store.sql import run_read_query
 
         con = self.connect()
         try:
-            rel = con.sql(sql, params=params or None)
-            if rel is None:  # a statement without a result (e.g. CREATE)
-                return pa.table({})
-            return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()
-        except duckdb.Error as exc:
-            views = ", ".join(self.views()) or "none"
-            raise AtlasError(f"query failed: {str(exc).splitlines()[0]} (tables: {views})") from None
+            return run_read_query(con, sql, params, timeout=timeout, max_rows=max_rows,
+                                  tables=", ".join(_views(con)))
         finally:
             con.close()
+
+
+def _views(con: Any) -> list[str]:
+    return sorted(r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall())

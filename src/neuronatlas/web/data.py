@@ -15,6 +15,7 @@ This module never imports torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -27,6 +28,7 @@ from typing import Any
 
 from neuronatlas.errors import AtlasError, NeuronAtlasError
 from neuronatlas.store import Atlas
+from neuronatlas.store.sql import check_read_only
 
 __all__ = ["Library", "AtlasView", "NotFound", "BadRequest", "concept_key", "slugify", "parse_neuron",
            "PAGE_SIZE", "MAX_PAGE", "STUDY_FILE_EXTS", "page_count"]
@@ -101,6 +103,12 @@ def check_query(q: str) -> str:
     return q
 
 
+@functools.lru_cache(maxsize=512)
+def _check_sql(sql: str) -> None:
+    """The viewer's SQL passes the same read-only check as `neuronatlas query` (once per distinct text)."""
+    check_read_only(sql)
+
+
 class AtlasView:
     """One served atlas: a cached DuckDB connection (rebuilt when files change) and small caches.
 
@@ -139,12 +147,15 @@ class AtlasView:
     def _open(self) -> Any:
         from neuronatlas.web.cache import TOKEN_TABLE, materialize
 
-        con = self.atlas.connect()
+        from neuronatlas.store.sql import sandbox
+
+        con = self.atlas.connect(sandboxed=False)
         self.in_memory = materialize(con, self.atlas, self.memory_bytes)
         self.tokens = ([r[0] for r in con.execute(f"SELECT token FROM {TOKEN_TABLE} ORDER BY tid").fetchall()]
                        if "decoded" in self.in_memory else None)
         # Pages run many tiny queries side by side; threads inside one query only add overhead.
         con.execute("SET threads = 1")
+        sandbox(con, self.atlas.path)  # the same confinement as `neuronatlas query`, then locked
         return con
 
     def _connection(self) -> Any:
@@ -200,6 +211,7 @@ class AtlasView:
         """Run ``sql`` with bound ``params``; rows as dicts."""
         import duckdb
 
+        _check_sql(sql)
         cur = self.cursor()
         try:
             cur.execute(sql, list(params))
