@@ -35,7 +35,7 @@ def test_jaccard_and_ci_by_hand():
 
 def _fake_results():
     """Two relations, 4 facts each, seeds=2, grid (0.5, 1.0), 2 selected neurons each."""
-    base = {"a": {"correct": [1, 1, 0, 0], "exact": [1, 0, 0, 0], "logprob": [-1, -1, -3, -3]},
+    base = {"a": {"correct": [1, 1, 1, 0], "exact": [1, 1, 0, 0], "logprob": [-1, -1, -3, -3]},
             "b": {"correct": [1, 1, 1, 0], "exact": [1, 1, 1, 0], "logprob": [-1, -1, -1, -4]}}
 
     def e(c, lp):
@@ -74,6 +74,18 @@ def test_summary_tables_by_hand():
     assert m[0, 1] == pytest.approx(0.75 - 0.75)
     assert m[1, 1] == pytest.approx(0.25 - 0.75)
     assert [(d["deactivated"], d["evaluated"]) for d in s["interference"]] == [("b", "a")]
+    # tested against the unmodified model: 1 fact gained, 0 lost -> exact one-sided McNemar p = 1/2
+    (pair,) = s["interference"]
+    assert pair["p_mcnemar"] == pytest.approx(0.5) and not pair["significant_fdr05"]
+    assert s["interference_tested"] == 2
+    # known facts and accuracies use the whole object (exact), the first token is a secondary column
+    assert s["baseline_table"]["a"]["known"] == 2 and s["baseline_table"]["a"]["first_token_acc"] == 0.75
+    # the selected set's rank among the 2 random sets: (1 + 0) / (1 + 2)
+    assert cum_a[1]["p_vs_random"] == pytest.approx(1 / 3)
+    assert cum_a[1]["acc_random_lo"] == pytest.approx(0.5125) and cum_a[1]["acc_random_hi"] == pytest.approx(0.9875)
+    # dose-response over the grid on the same known facts: 0.5 -> 0.0
+    trend = s["trend"]["a"]
+    assert trend["slope"] == pytest.approx(-1.0) and trend["rising_steps"] == []
     assert s["overlap"]["jaccard"][0][1] == pytest.approx(1 / 3)
     assert s["layers"]["a"] == [0, 1, 1, 0]
 
@@ -116,9 +128,57 @@ def test_lape_scorer_in_the_study(tmp_path):
     labels = sorted(rec.labels)
     lape = LAPEScorer().fit(rec.moments.act_prob[[rec.labels.index(c) for c in labels]], languages=labels)
     for c in labels:
-        want = [divmod(int(f), lm.n_neurons) for f in lape.select_concept(c, 8)]
+        want = [divmod(int(f), lm.n_neurons) for f in lape.top_indices(c, 8)]
         assert sorted(tuple(p) for p in res["selected"][c]) == sorted(want) and 0 < len(want) <= 8
     md = (tmp_path / "study/summary.md").read_text()
     assert "| country_capital |" in md and "LAPE scorer" in md and "Jaccard(AP, LAPE)" in md
     comp = res["scorer_comparison"]["country_capital"]
     assert 0.0 <= comp["ap_lape_jaccard"] <= 1.0 and comp["lape_assigned"] >= len(res["selected"]["country_capital"])
+
+
+def test_random_sets_match_layer_and_magnitude_decile():
+    from neuronatlas.stats.inference import magnitude_bins
+    from neuronatlas.studies.common import concept_seed
+
+    rng = np.random.default_rng(0)
+    mag = rng.gamma(2.0, size=(2, 200))
+    bins = magnitude_bins(mag, 10)
+    sel = NeuronSet.of([(0, int(j)) for j in np.argsort(mag[0])[-5:]] + [(1, int(np.argmin(mag[1])))])
+    for s in range(5):
+        rnd = random_like(sel, 200, seed=s, bins=bins)
+        assert {k: len(v) for k, v in rnd.by_layer().items()} == {0: 5, 1: 1}
+        assert not set(rnd.pairs) & set(sel.pairs)
+        assert sorted(bins[l, j] for l, j in rnd.pairs) == sorted(bins[l, j] for l, j in sel.pairs)
+    # each relation gets its own random sets
+    assert concept_seed(0, "a", 0) != concept_seed(0, "b", 0) != concept_seed(0, "a", 1)
+    assert random_like(sel, 200, seed=concept_seed(0, "a", 0), bins=bins) != random_like(
+        sel, 200, seed=concept_seed(0, "b", 0), bins=bins)
+
+
+def _facts(splits=("identify", "test"), templates=(0, 1)):
+    rows = []
+    for rel in ("r1", "r2"):
+        for i in range(6):
+            for t in templates:
+                rows.append({"text": f"{rel} fact {i} template {t} is", "target": f" o{i}", "relation": rel,
+                             "lang": "en", "split": splits[i % 2], "template_id": t, "fact_id": f"{rel}:{i}"})
+    return rows
+
+
+def test_identification_never_uses_the_test_template_and_user_split_names():
+    from neuronatlas.errors import DatasetError
+    from neuronatlas.studies.relations import _split_facts, facts_languages
+
+    cfg = RelationStudyConfig(langs=("en",))
+    ident, test, demos = _split_facts(_facts(("train", "dev")), cfg)
+    assert ident and {int(r["template_id"]) for r in ident} == {1}
+    assert {int(r["template_id"]) for rows in test.values() for r in rows} == {0}
+    assert demos and {int(r["template_id"]) for r in demos} == {0}
+    assert not {r["fact_id"] for r in ident} & {r["fact_id"] for rows in test.values() for r in rows}
+    shared, _, _ = _split_facts(_facts(), RelationStudyConfig(langs=("en",), share_templates=True))
+    assert {int(r["template_id"]) for r in shared} == {0, 1}
+    with pytest.raises(DatasetError, match=r"splits \['identify', 'test'\].*templates \[0\].*--share-templates"):
+        _split_facts(_facts(templates=(0,)), cfg)
+    with pytest.raises(DatasetError, match=r"languages \['en'\]"):
+        _split_facts(_facts(), RelationStudyConfig(langs=("de",)))
+    assert facts_languages([{"lang": "fr"}, {"lang": "en"}, {"lang": "de"}]) == ("en", "de", "fr")

@@ -17,7 +17,11 @@ def relations_study_cmd(
     model: ModelOpt = "default",
     facts: Annotated[Optional[Path], typer.Option(help="your own facts JSONL (same format as `data relations`)")] = None,
     relations: Annotated[str, typer.Option(help="comma-separated relations (default: all)")] = "",
-    langs: Annotated[str, typer.Option(help="languages for neuron identification (en, de, fr, es)")] = "en,de,fr,es",
+    langs: Annotated[str, typer.Option(help="languages for neuron identification (default: those in --facts, "
+                                            "else en,de,fr,es)")] = "",
+    eval_lang: Annotated[str, typer.Option(help="language whose held-out facts are evaluated")] = "en",
+    test_template: Annotated[int, typer.Option(min=0, help="template of the evaluated facts; identification never uses it")] = 0,
+    share_templates: Annotated[bool, typer.Option(help="let identification use the test template too")] = False,
     few_shot: Annotated[int, typer.Option(help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
     scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR) or lape (activation-probability entropy)")] = "ap",
     select_fraction: Annotated[float, typer.Option(help="neurons selected per relation, as a fraction of all")] = 0.01,
@@ -35,18 +39,23 @@ def relations_study_cmd(
 ) -> None:
     """Find relation-specific neurons and test cumulativity, versatility and interference."""
     from neuronatlas.errors import DatasetError
-    from neuronatlas.studies.relations import RelationStudyConfig, load_facts, run_relation_study
+    from neuronatlas.studies.relations import RelationStudyConfig, facts_languages, load_facts, run_relation_study
 
+    user_facts = load_facts(facts) if facts else None
+    if langs:
+        chosen = tuple(x.strip() for x in langs.split(",") if x.strip())
+    else:
+        chosen = facts_languages(user_facts) if user_facts else ("en", "de", "fr", "es")
     try:
         cfg = RelationStudyConfig(
-            relations=tuple(relations.split(",")) if relations else None, langs=tuple(langs.split(",")),
+            relations=tuple(relations.split(",")) if relations else None, langs=chosen, eval_lang=eval_lang,
+            test_template=test_template, share_templates=share_templates,
             few_shot=few_shot, scorer=scorer, select_fraction=select_fraction, select_n=select_n or None,  # type: ignore[arg-type]
             tails=tails, mode=mode, grid=tuple(float(g) for g in grid.split(",")), seeds=seeds,  # type: ignore[arg-type]
             max_identify_facts=max_identify_facts, max_test_facts=max_test_facts, min_known=min_known,
             site=site, pool=pool, seed=seed)  # type: ignore[arg-type]
     except ValueError as exc:
         raise DatasetError(f"bad study option: {exc}") from None
-    user_facts = load_facts(facts) if facts else None
     lm = load_model_cli(model, dtype, device, quiet=as_json)
 
     def factory(description: str, total: int):  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import platform
@@ -23,12 +24,16 @@ import pyarrow.compute as pc
 from neuronatlas.intervene.neurons import NeuronSet
 from neuronatlas.store.atlas import Atlas, atomic_path, write_json_atomic
 
-__all__ = ["random_like", "mean_ci", "StudyState", "study_provenance", "jaccard", "replace_selections",
+__all__ = ["random_like", "concept_seed", "mean_ci", "StudyState", "study_provenance", "jaccard", "replace_selections",
            "copy_into_atlas"]
 
 
-def random_like(selected: NeuronSet, n_neurons: int, seed: int, exclude: NeuronSet | None = None) -> NeuronSet:
-    """Random neurons with the same count per layer as ``selected``, avoiding ``exclude`` (default: ``selected``)."""
+def random_like(selected: NeuronSet, n_neurons: int, seed: int, exclude: NeuronSet | None = None,
+                bins: np.ndarray | None = None) -> NeuronSet:
+    """Random neurons with the same count per layer as ``selected``, avoiding ``exclude`` (default:
+    ``selected``). With ``bins`` ((layers, neurons) ints, e.g. :func:`~neuronatlas.stats.inference.magnitude_bins`
+    of mean |response|), each selected neuron is matched by one from its layer *and* its bin; a bin
+    with too few candidates borrows from the nearest bins of that layer."""
     rng = np.random.default_rng(seed)
     avoid = exclude if exclude is not None else selected
     avoid_by_layer = avoid.by_layer()
@@ -37,9 +42,27 @@ def random_like(selected: NeuronSet, n_neurons: int, seed: int, exclude: NeuronS
         pool = np.setdiff1d(np.arange(n_neurons), np.array(avoid_by_layer.get(layer, []), dtype=int))
         if len(pool) < len(neurons):  # the layer is (almost) fully selected: allow overlap
             pool = np.arange(n_neurons)
-        chosen = rng.choice(pool, size=len(neurons), replace=False)
-        pairs.extend((layer, int(j)) for j in chosen)
+        if bins is None:
+            chosen = rng.choice(pool, size=len(neurons), replace=False)
+            pairs.extend((layer, int(j)) for j in chosen)
+            continue
+        free = np.zeros(n_neurons, dtype=bool)
+        free[pool] = True
+        layer_bins = np.asarray(bins[layer], dtype=np.int64)
+        for j in neurons:
+            gap = np.abs(layer_bins - int(layer_bins[j]))
+            gap = np.where(free, gap, np.iinfo(np.int64).max)
+            cands = np.flatnonzero(gap == gap.min())
+            pick = int(rng.choice(cands))
+            free[pick] = False
+            pairs.append((layer, pick))
     return NeuronSet(tuple(pairs), selected.component)
+
+
+def concept_seed(seed: int, concept: str, draw: int) -> int:
+    """A seed for random set ``draw`` of ``concept``: different concepts get different sets."""
+    digest = hashlib.sha256(f"{seed}:{concept}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
 
 
 def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

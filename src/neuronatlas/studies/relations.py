@@ -36,14 +36,14 @@ from neuronatlas.intervene import Ablate, Clamp, NeuronSet
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record import RecordConfig, record
 from neuronatlas.record.batching import ForwardCount, count_forwards
-from neuronatlas.stats.lape import LAPEScorer
-from neuronatlas.stats.scorers import APScorer, SMDScorer
+from neuronatlas.stats.inference import magnitude_bins
+from neuronatlas.stats.scorers import scorer
 from neuronatlas.store import Atlas
 from neuronatlas.studies.common import (
-    StudyState, copy_into_atlas, jaccard, random_like, replace_selections, study_provenance,
+    StudyState, concept_seed, copy_into_atlas, jaccard, random_like, replace_selections, study_provenance,
 )
 
-__all__ = ["RelationStudyConfig", "run_relation_study", "concept_name", "load_facts"]
+__all__ = ["RelationStudyConfig", "run_relation_study", "concept_name", "load_facts", "facts_languages", "SPLIT_NAMES"]
 
 ProgressFactory = Callable[[str, int], Any]
 
@@ -57,6 +57,8 @@ class RelationStudyConfig:
     max_test_facts: int = 50                     # held-out facts evaluated per relation
     n_test: int = 50                             # held-out facts per relation in the split
     few_shot: int = 0                            # demonstrations prefixed to evaluation prompts
+    test_template: int = 0                       # template of the evaluated facts; identification never uses it
+    share_templates: bool = False                # True: identification also uses the test template (old behaviour)
     site: Literal["mlp", "gate"] = "mlp"
     pool: Literal["mean", "last", "max"] = "mean"
     scorer: Literal["ap", "smd", "lape"] = "ap"
@@ -110,31 +112,58 @@ def _sample_facts(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dic
     return [r for r in rows if r["fact_id"] in keep]
 
 
-def _split_facts(facts: list[dict[str, Any]], cfg: RelationStudyConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+SPLIT_NAMES = {"identify": "identify", "train": "identify", "test": "test", "dev": "test"}
+
+
+def _split_facts(facts: list[dict[str, Any]], cfg: RelationStudyConfig
+                 ) -> tuple[list[dict], dict[str, list[dict]], list[dict]]:
+    """(identification rows, test rows per relation, demonstration pool). Identification rows never
+    use the test template unless ``share_templates``; demonstrations are identify-split facts
+    rendered with the test template (used only to build few-shot evaluation prompts)."""
     wanted = set(cfg.relations) if cfg.relations else None
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in facts:
-        if (wanted is None or r["relation"] in wanted) and r["lang"] in cfg.langs:
-            groups[(r["relation"], r["lang"], r["split"])].append(r)
+        split = SPLIT_NAMES.get(str(r["split"]).lower())
+        if (wanted is None or r["relation"] in wanted) and r["lang"] in cfg.langs and split:
+            groups[(r["relation"], r["lang"], split)].append(r)
     ident: list[dict[str, Any]] = []
+    demos: list[dict[str, Any]] = []
     test: dict[str, list[dict[str, Any]]] = {}
     for (rel, lang, split), rows in sorted(groups.items()):
         if split == "identify":
-            ident.extend(_sample_facts(rows, cfg.max_identify_facts, cfg.seed))
+            use = rows
+            if lang == cfg.eval_lang:
+                demos.extend(r for r in rows if int(r.get("template_id", 0)) == cfg.test_template)
+                if not cfg.share_templates:
+                    use = [r for r in rows if int(r.get("template_id", 0)) != cfg.test_template]
+            ident.extend(_sample_facts(use, cfg.max_identify_facts, cfg.seed))
         elif split == "test" and lang == cfg.eval_lang:
-            rows0 = [r for r in rows if int(r.get("template_id", 0)) == 0]
+            rows0 = [r for r in rows if int(r.get("template_id", 0)) == cfg.test_template]
             test[rel] = sorted(_sample_facts(rows0, cfg.max_test_facts, cfg.seed), key=lambda r: r["fact_id"])
-    if not ident:
-        raise DatasetError(f"no identification facts for relations {cfg.relations or 'all'} in languages "
-                           f"{', '.join(cfg.langs)}; check --relations/--langs")
-    return ident, test
+    if not ident or not test:
+        splits = sorted({str(r["split"]) for r in facts})
+        langs = sorted({str(r["lang"]) for r in facts})
+        templates = sorted({int(r.get("template_id", 0)) for r in facts})
+        raise DatasetError(f"no {'identification' if not ident else 'test'} facts for relations "
+                           f"{', '.join(cfg.relations) if cfg.relations else 'all'} in languages {', '.join(cfg.langs)} "
+                           f"(evaluation language {cfg.eval_lang}, test template {cfg.test_template}); the facts have "
+                           f"splits {splits}, languages {langs} and templates {templates}: use splits identify/train and "
+                           f"test/dev, and fix --langs/--eval-lang/--test-template (a single template needs "
+                           f"--share-templates)")
+    return ident, test, demos
 
 
-def _with_demos(test: dict[str, list[dict]], ident: list[dict], k: int, seed: int) -> dict[str, list[str]]:
+def facts_languages(facts: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The languages present in ``facts``, English first (the default evaluation language)."""
+    langs = sorted({str(r.get("lang", "en")) for r in facts})
+    return tuple(sorted(langs, key=lambda x: (x != "en", x)))
+
+
+def _with_demos(test: dict[str, list[dict]], demo_rows: list[dict], k: int, seed: int) -> dict[str, list[str]]:
     """Evaluation prompts; with ``k`` > 0 each gets k demonstrations of its relation (same template)."""
     out: dict[str, list[str]] = {}
     pool: dict[tuple[str, int], list[dict]] = defaultdict(list)
-    for r in ident:
+    for r in demo_rows:
         pool[(r["relation"], int(r.get("template_id", 0)))].append(r)
     for rel, rows in test.items():
         rng = random.Random(f"{seed}:{rel}")
@@ -162,7 +191,7 @@ def run_relation_study(lm: LoadedModel, out_dir: str | Path, config: RelationStu
 def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, facts: list[dict[str, Any]] | None,
          atlas: str | Path | None, progress: ProgressFactory | None, forwards: ForwardCount) -> dict[str, Any]:
     from neuronatlas.data.relations import build_relation_facts, provenance as facts_provenance
-    from neuronatlas.studies.relations_report import write_outputs
+    from neuronatlas.studies.relations_report import HEADLINE, write_outputs
 
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -175,7 +204,7 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
     else:
         data_source = {"builder": "user facts"}
     facts_hash = hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
-    ident_rows, test_rows = _split_facts(facts, config)
+    ident_rows, test_rows, demo_rows = _split_facts(facts, config)
     concepts = sorted({concept_name(r["relation"], r["lang"]) for r in ident_rows})
     store = Atlas.create(atlas or out / "atlas", model=lm.provenance)
     state = StudyState(out / "state.json", f"{config.fingerprint()}:{facts_hash[:12]}:{lm.provenance.get('file_sha256') or lm.name}")
@@ -207,41 +236,30 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
         if len(local_labels) < 2:
             continue
         lab_idx = np.array([local_labels.index(rec.labels[rec.prompt_labels[i]]) for i in idx])
-        x = responses[idx].astype(np.float32)
-        ap = APScorer().fit(x, lab_idx)
         compare = lang == config.eval_lang
-        smd = SMDScorer().fit(x, lab_idx) if config.scorer == "smd" or compare else None
-        # LAPE on token-level activation probabilities of this language's concepts (the record has them)
-        rec_idx = [rec.labels.index(c) for c in local_labels]
-        lape = (LAPEScorer().fit(rec.moments.act_prob[rec_idx], counts=rec.moments.count[rec_idx],
-                                 languages=local_labels)
-                if config.scorer == "lape" or compare else None)
+        # one scorer interface: the configured scorer selects; on the evaluation language the other
+        # two are fitted as well, to report how far the scorers agree
+        names = [config.scorer] + ([n for n in ("ap", "smd", "lape") if n != config.scorer] if compare else [])
+        fitted = {n: scorer(n).fit_record(rec, local_labels) for n in names}
+        main = fitted[config.scorer]
         for c, concept in enumerate(local_labels):
-            if config.scorer == "ap":
-                chosen, sc = ap.select(c, n_select, config.tails), ap.scores_[c].numpy()
-            elif config.scorer == "smd":
-                assert smd is not None
-                chosen, sc = smd.select(c, n_select, config.tails), smd.d_[c]
-            else:
-                assert lape is not None
-                chosen, sc = torch.from_numpy(lape.select_concept(concept, n_select)), lape.concept_scores(concept)
-            selected[concept] = _neuron_set(chosen.tolist(), N, config.site)
-            scores[concept] = sc
-            if compare and smd is not None and lape is not None:
-                ap_set = set(ap.select(c, n_select).tolist())
-                smd_set = set(smd.select(c, n_select).tolist())
-                lape_set = set(lape.select_concept(concept, n_select).tolist())
-                alt[concept] = {"smd_significant": int(smd.significant_[c].sum()),
-                                "ap_smd_jaccard": jaccard(ap_set, smd_set),
-                                "lape_assigned": int(np.isfinite(lape.concept_scores(concept)).sum()),
-                                "ap_lape_jaccard": jaccard(ap_set, lape_set),
-                                "ap_max": float(ap.scores_[c].max()), "ap_base_rate": float(ap.base_rate_[c])}
+            selected[concept] = main.select(concept, n_select, config.tails)
+            scores[concept] = np.asarray(main.scores_[c], dtype=np.float64)
+            if compare:
+                chosen = {n: set(f.top_indices(concept, n_select).tolist()) for n, f in fitted.items()}
+                ap, smd, lape = fitted["ap"], fitted["smd"], fitted["lape"]
+                alt[concept] = {"smd_significant": int(smd.significant_[c].sum()),  # type: ignore[attr-defined]
+                                "ap_smd_jaccard": jaccard(chosen["ap"], chosen["smd"]),
+                                "lape_assigned": int(np.isfinite(lape.scores_[c]).sum()),
+                                "ap_lape_jaccard": jaccard(chosen["ap"], chosen["lape"]),
+                                "ap_max": float(ap.scores_[c].max()),
+                                "ap_base_rate": float(ap.base_rate_[c])}  # type: ignore[attr-defined]
     unscored = [c for c in concepts if c not in selected]  # a language with a single relation has no negatives
     concepts = sorted(selected)
     _write_selections(store, selected, scores, config, N)
 
     # 3. baseline on held-out facts, then every deactivation condition in batched passes
-    eval_prompts = _with_demos(test_rows, ident_rows, config.few_shot, config.seed)
+    eval_prompts = _with_demos(test_rows, demo_rows, config.few_shot, config.seed)
     medians = _median_positive(rec, selected) if config.mode == "median" else {}
 
     def deactivate(ns: NeuronSet, key: str) -> Ablate | Clamp:
@@ -271,13 +289,21 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
             baseline[rel] = evaluate(rel, {"baseline": ()})["baseline"]
             if update:
                 update(i + 1)
-    eval_rels = [r for r in sorted(test_rows) if sum(baseline[r]["correct"]) >= config.min_known and r in selected]
+    # a fact is known when greedy decoding yields its whole object (not just a leading token)
+    eval_rels = [r for r in sorted(test_rows) if sum(baseline[r][HEADLINE]) >= config.min_known and r in selected]
+    # random sets: per relation, matched on layer and on the decile of mean |response| within the layer
+    bins = magnitude_bins(np.abs(rec.pooled.astype(np.float32)).mean(axis=0))
+
+    def randoms(ns: NeuronSet, r: str, tag: str) -> list[NeuronSet]:
+        return [random_like(ns, N, seed=concept_seed(config.seed, f"{r}:{tag}", s), bins=bins)
+                for s in range(config.seeds)]
+
     conditions: dict[str, dict[str, Any]] = {}
     for r in eval_rels:
         full = selected[r]
         conditions[f"deact:{r}"] = (deactivate(full, r),)
-        for s in range(config.seeds):
-            conditions[f"rand:{r}:{s}"] = (deactivate(random_like(full, N, seed=config.seed + 1000 * s + 1), r),)
+        for s, ns in enumerate(randoms(full, r, "full")):
+            conditions[f"rand:{r}:{s}"] = (deactivate(ns, r),)
     per_rel: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}   # (on all test facts, cumulativity)
     for r in eval_rels:
         conds = dict(conditions)
@@ -289,8 +315,8 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
                 continue
             sub = NeuronSet.of(order[:n], config.site)
             cum[f"cum:{frac}"] = (deactivate(sub, r),)
-            for s in range(config.seeds):
-                cum[f"cumrand:{frac}:{s}"] = (deactivate(random_like(sub, N, seed=config.seed + 1000 * s + 1), r),)
+            for s, ns in enumerate(randoms(sub, r, str(frac))):
+                cum[f"cumrand:{frac}:{s}"] = (deactivate(ns, r),)
         for other in sorted(selected):  # the same relation's neurons found in other languages
             if other.startswith(f"{r}@"):
                 conds[f"deact:{other}"] = (deactivate(selected[other], other),)
@@ -303,7 +329,7 @@ def _run(lm: LoadedModel, out_dir: str | Path, config: RelationStudyConfig, fact
         for r in eval_rels:
             conds, cum = per_rel[r]
             results_by_rel[r] = {"baseline": baseline[r], **evaluate(r, conds)}
-            cum_idx = [i for i, c in enumerate(baseline[r]["correct"]) if c] if config.cumulativity_on == "known" else None
+            cum_idx = [i for i, c in enumerate(baseline[r][HEADLINE]) if c] if config.cumulativity_on == "known" else None
             results_by_rel[r].update(evaluate(r, cum, cum_idx))
             done += len(conds) + len(cum)
             if update:
