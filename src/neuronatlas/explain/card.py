@@ -22,6 +22,7 @@ from neuronatlas.explain.tables import (
     read_exemplars,
     table_meta,
 )
+from neuronatlas.ids import NeuronId
 from neuronatlas.store.atlas import Atlas
 
 __all__ = ["neuron_card"]
@@ -47,7 +48,7 @@ def neuron_card(atlas: Atlas | str | Path, layer: int, neuron: int, *, n_top: in
     """Card data for ``L{layer}:{neuron}``; raises :class:`AtlasError` if the atlas knows nothing about it."""
     store = open_atlas(atlas)
     views = set(store.views())
-    card: dict[str, Any] = {"neuron": f"L{layer}:{neuron}", "layer": layer, "neuron_index": neuron,
+    card: dict[str, Any] = {"neuron": str(NeuronId(layer, neuron)), "layer": layer, "neuron_index": neuron,
                             "model": store.manifest().get("model", {}).get("model")}
     if "decoded" in views:
         decoded = _decoded(store, layer, neuron, n_decoded)
@@ -61,7 +62,7 @@ def neuron_card(atlas: Atlas | str | Path, layer: int, neuron: int, *, n_top: in
         meta = table_meta(store)
         n_layers, n_neurons = meta.get("n_layers"), meta.get("n_neurons")
         if n_layers is not None and n_neurons is not None and not (0 <= layer < n_layers and 0 <= neuron < n_neurons):
-            raise SelectionError(f"L{layer}:{neuron} is outside the model (layers 0-{n_layers - 1}, neurons "
+            raise SelectionError(f"{NeuronId(layer, neuron)} is outside the model (layers 0-{n_layers - 1}, neurons "
                                  f"0-{n_neurons - 1})")
         card["site"] = meta.get("site")
         try:
@@ -81,6 +82,6 @@ def neuron_card(atlas: Atlas | str | Path, layer: int, neuron: int, *, n_top: in
         if rows:
             card["explanation"] = rows[0]
     if not any(k in card for k in ("decoded", "stats", "exemplars", "explanation")):
-        raise AtlasError(f"atlas {str(store.path)!r} has nothing on L{layer}:{neuron}; run `neuronatlas exemplars`, "
+        raise AtlasError(f"atlas {str(store.path)!r} has nothing on {NeuronId(layer, neuron)}; run `neuronatlas exemplars`, "
                          "`neuronatlas explain`, `neuronatlas record` or `neuronatlas decode` first")
     return card

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronatlas.errors import AtlasError
+from neuronatlas.ids import NeuronId
 from neuronatlas.store.atlas import Atlas
 
 __all__ = [
@@ -128,7 +129,7 @@ def read_exemplars(atlas: Atlas | str | Path, layer: int, neuron: int) -> Neuron
                        "FROM corpus_exemplars WHERE layer = ? AND neuron = ? ORDER BY kind DESC, rank",
                        [int(layer), int(neuron)]).to_pylist()
     if not rows:
-        raise AtlasError(f"no exemplars for L{layer}:{neuron} in {str(store.path)!r}; check the neuron index or "
+        raise AtlasError(f"no exemplars for {NeuronId(layer, neuron)} in {str(store.path)!r}; check the neuron index or "
                          "rerun `neuronatlas exemplars` on this model")
     out = NeuronExemplars(int(layer), int(neuron))
     for r in rows:

@@ -15,6 +15,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from neuronatlas.ids import NeuronId
 from neuronatlas.web.data import AtlasView, concept_key
 from neuronatlas.web.render import bar_chart_svg
 
@@ -208,5 +209,5 @@ def neuron_context(view: AtlasView, layer: int, neuron: int) -> dict[str, Any]:
                                         ("explanations", "explanations"), ("selections", "selections"))
                if not view.has(table)]
     return {"atlas": view, "slug": view.slug, "layer": layer, "neuron": neuron, "dims": dims, "sections": sections,
-            "prev": prev, "next": nxt, "missing": missing, "title": f"L{layer}/{neuron}",
+            "prev": prev, "next": nxt, "missing": missing, "title": NeuronId(layer, neuron).url_path(),
             "empty": not any(sections.values())}
