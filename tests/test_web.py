@@ -95,10 +95,10 @@ def build_web_atlas(root: Path) -> Path:
           for i, ((layer, n), text) in enumerate(EXPLAINED.items())]
     atlas.write_table("explanations.parquet", {k: [r[k] for r in ex] for k in ex[0]})
     doc = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis", "ĠParis", "."]
-    atlas.write_table("corpus_docs.parquet", {"doc_id": [0], "source": ["test"], "text": ["The capital of France is Paris."],
+    atlas.write_table("corpus_docs.parquet", {"doc_id": ["0"], "source": ["test"], "text": ["The capital of France is Paris."],
                                               "tokens": [doc]})
     atlas.write_table("corpus_exemplars.parquet", {
-        "layer": [1, 1], "neuron": [3, 3], "kind": ["top", "random"], "rank": [0, 0], "doc_id": [0, 0],
+        "layer": [1, 1], "neuron": [3, 3], "kind": ["top", "random"], "rank": [0, 0], "doc_id": ["0", "0"],
         "position": [5, 2], "activation": [2.5, 0.1], "window_start": [0, 0], "window_tokens": [doc, doc],
         "window_acts": [[0.0, 0.3, 0.1, 0.9, 0.2, 2.5, -0.4], [0.0, 0.3, 0.1, 0.9, 0.2, 2.5, -0.4]]})
     study = path / "studies" / "relations"

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 from neuronatlas.errors import AtlasError
 from neuronatlas.ids import NeuronId
 from neuronatlas.store.atlas import Atlas
+from neuronatlas.store.schemas import EXPLANATIONS
 
 __all__ = [
     "DOCS_TABLE",
@@ -48,15 +49,12 @@ EXEMPLARS_TABLE = "corpus_exemplars.parquet"
 EXPLANATIONS_TABLE = "explanations.parquet"
 META_KEY = b"neuronatlas"
 
-EXPLANATION_COLUMNS = ("layer", "neuron", "site", "explanation", "explainer", "score", "baseline_score", "pmi",
-                       "candidates", "causal_delta_exemplars", "causal_delta_random")
+EXPLANATION_COLUMNS = EXPLANATIONS.names
 
 
 def explanation_schema() -> pa.Schema:
-    return pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("site", pa.string()),
-                      ("explanation", pa.string()), ("explainer", pa.string()), ("score", pa.float64()),
-                      ("baseline_score", pa.float64()), ("pmi", pa.float64()), ("candidates", pa.list_(pa.string())),
-                      ("causal_delta_exemplars", pa.float64()), ("causal_delta_random", pa.float64())])
+    """The explanations table's schema (owned by :mod:`neuronatlas.store.schemas`)."""
+    return EXPLANATIONS.schema
 
 
 def open_atlas(atlas: Atlas | str | Path) -> Atlas:

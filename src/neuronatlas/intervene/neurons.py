@@ -144,6 +144,6 @@ def _read_selection_file(path: Path) -> list[tuple[int, int]]:
         except json.JSONDecodeError:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     try:
-        return [(int(r["layer"]), int(r["neuron"])) for r in rows]  # type: ignore[call-overload]
+        return [(int(r["layer"]), int(r["neuron"])) for r in rows]  # type: ignore[call-overload, arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         raise SelectionError(f"selection file {str(path)!r} needs integer 'layer' and 'neuron' columns ({exc})") from None
