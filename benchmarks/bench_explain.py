@@ -82,7 +82,7 @@ def bare_pass(lm: Any, docs: list[dict], config: Any) -> tuple[list[float], int]
 def stream_pass(lm: Any, docs: list[dict], config: Any) -> tuple[list[float], int]:
     """What ``stream_exemplars`` does, timed per batch."""
     from neuronatlas.explain.exemplars import doc_batches
-    from neuronatlas.explain.stream import ExemplarStream
+    from neuronatlas.record.corpus import ExemplarStream
 
     stream = ExemplarStream(lm, top_k=config.top_k, n_random=config.n_random, before=config.context,
                             after=config.after_tokens, seed=config.seed)

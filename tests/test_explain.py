@@ -34,7 +34,7 @@ from neuronatlas.explain import (
 )
 from neuronatlas.explain.exemplars import CHECKPOINT_DIR, decoded_vocab
 from neuronatlas.explain.simulate import simulation_ids, value_token_ids
-from neuronatlas.explain.stream import Reservoir, WindowTopK
+from neuronatlas.record.exemplar_stats import Reservoir, WindowTopK
 from neuronatlas.explain.tables import EXPLANATION_COLUMNS
 from neuronatlas.intervene import NeuronSet
 from neuronatlas.models.tiny import tiny_model

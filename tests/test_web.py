@@ -95,10 +95,10 @@ def build_web_atlas(root: Path) -> Path:
           for i, ((layer, n), text) in enumerate(EXPLAINED.items())]
     atlas.write_table("explanations.parquet", {k: [r[k] for r in ex] for k in ex[0]})
     doc = ["The", "Ġcapital", "Ġof", "ĠFrance", "Ġis", "ĠParis", "."]
-    atlas.write_table("corpus_docs.parquet", {"doc_id": [0], "source": ["test"], "text": ["The capital of France is Paris."],
+    atlas.write_table("corpus_docs.parquet", {"doc_id": ["0"], "source": ["test"], "text": ["The capital of France is Paris."],
                                               "tokens": [doc]})
     atlas.write_table("corpus_exemplars.parquet", {
-        "layer": [1, 1], "neuron": [3, 3], "kind": ["top", "random"], "rank": [0, 0], "doc_id": [0, 0],
+        "layer": [1, 1], "neuron": [3, 3], "kind": ["top", "random"], "rank": [0, 0], "doc_id": ["0", "0"],
         "position": [5, 2], "activation": [2.5, 0.1], "window_start": [0, 0], "window_tokens": [doc, doc],
         "window_acts": [[0.0, 0.3, 0.1, 0.9, 0.2, 2.5, -0.4], [0.0, 0.3, 0.1, 0.9, 0.2, 2.5, -0.4]]})
     study = path / "studies" / "relations"
@@ -380,3 +380,29 @@ def test_parquet_fallback_matches_in_memory_copies(web_atlas):
                 "/a/atlas/search?q=paris&direction=top"]:
         assert ok(a, url) == ok(b, url), url
     assert slow.get("atlas").in_memory == []
+
+
+def test_show_card_and_neuron_page_come_from_one_builder(web_atlas):
+    """`neuronatlas show` and the viewer's neuron page read the same rows for the same neuron."""
+    from neuronatlas.explain.card import AtlasSource, neuron_card, neuron_sections
+    from neuronatlas.web.neuron import neuron_context
+
+    view = Library([web_atlas]).get("atlas")
+    card, ctx = neuron_card(web_atlas, 1, 3, n_top=20, n_decoded=5), neuron_context(view, 1, 3)
+    sec = ctx["sections"]
+    assert card["explanation"] == sec["explanations"][0]
+    assert card["explanation"]["explanation"] == EXPLAINED[(1, 3)]
+    page_decoded = {d["side"]: {k: [r["token"] for r in d[k]] for k in ("top", "bottom") if d[k]} for d in sec["decoded"]}
+    assert card["decoded"] == page_decoded and card["decoded"]["out"]["top"][0] == "ĠParis"
+    page_stats = sorted((r["record"], r["label"], r["mean"]) for g in sec["stats"] for r in g["rows"])
+    assert sorted((r["record"], r["label"], r["mean"]) for r in card["stats"]) == page_stats
+    page_corpus = {g["kind"]: [(r["doc_id"], r["activation"]) for r in g["rows"]] for g in sec["corpus"]}
+    assert [(e["doc_id"], e["activation"]) for e in card["exemplars"]["top"]] == page_corpus["top"]
+    assert [(e["doc_id"], e["activation"]) for e in card["exemplars"]["random"]] == page_corpus["random"]
+    assert card["selections"] == [{k: v for k, v in r.items() if k != "key"} for r in sec["selections"]]
+    # the builder itself answers the same over the viewer's connection and over a plain atlas source
+    src = AtlasSource(web_atlas)
+    plain, served = neuron_sections(src, 1, 3), neuron_sections(view, 1, 3)
+    src.close()
+    assert {k: len(v) for k, v in plain.items()} == {k: len(v) for k, v in served.items()}
+    assert plain["explanations"] == served["explanations"] and plain["selections"] == served["selections"]

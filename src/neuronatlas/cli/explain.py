@@ -24,6 +24,7 @@ from neuronatlas.cli.common import (
     progress_bar,
 )
 from neuronatlas.errors import DatasetError, ExplainerError, SelectionError
+from neuronatlas.ids import NeuronId
 
 __all__ = ["ExplainerKind", "register"]
 
@@ -148,7 +149,7 @@ def explain_cmd(
         table = Table("neuron", "explanation", "score", "baseline", "PMI", "Δlogp top", "Δlogp random",
                       title=f"explanations written to {d['atlas']}/explanations.parquet")
         for r in d["results"]:
-            table.add_row(f"L{r['layer']}:{r['neuron']}", r["explanation"], _num(r["score"]), _num(r["baseline_score"]),
+            table.add_row(str(NeuronId(r["layer"], r["neuron"])), r["explanation"], _num(r["score"]), _num(r["baseline_score"]),
                           _num(r["pmi"], 2), _num(r["causal_delta_exemplars"], 4), _num(r["causal_delta_random"], 4))
         console.print(table)
 
@@ -221,12 +222,12 @@ def show_cmd(
 ) -> None:
     """Print a neuron's card: explanation, scores, causal effect, decoded tokens, statistics, exemplars."""
     from neuronatlas.explain.card import neuron_card
-    from neuronatlas.intervene.neurons import parse_neuron
 
-    pairs = parse_neuron(neuron.strip())
-    if len(pairs) != 1:
-        raise SelectionError(f"show takes one neuron, got {neuron!r} ({len(pairs)} neurons); write e.g. L12:345")
-    card = neuron_card(atlas, pairs[0][0], pairs[0][1], n_top=top)
+    try:
+        nid = NeuronId.parse(neuron)
+    except SelectionError:
+        raise SelectionError(f"show takes one neuron, got {neuron!r}; write e.g. L12:345") from None
+    card = neuron_card(atlas, nid.layer, nid.index, n_top=top)
     emit(card, as_json, _render_card)
 
 

@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from neuronatlas.errors import AtlasError, SelectionError, SiteError
+from neuronatlas.ids import NeuronId
 from neuronatlas.store.atlas import Atlas, atomic_path
 
 __all__ = [
@@ -192,7 +193,7 @@ def find_neurons(atlas: Atlas | str | Path, *, token: str | None = None, text: s
     _attach_previews(table, hits, preview)
     used, evidence = activation_evidence(store, [(h["layer"], h["neuron"]) for h in hits], record)
     for h in hits:
-        h["id"] = f"L{h['layer']}:{h['neuron']}"
+        h["id"] = str(NeuronId(h["layer"], h["neuron"]))
         ev = evidence.get((h["layer"], h["neuron"]))
         h.update(ev if ev is not None else {"act_mean": None, "act_max": None, "act_prob": None})
         h["record"] = used if ev is not None else None

@@ -30,17 +30,19 @@ _WHERE = {
     "pmi": ("PMIScore", "pmi_rerank", "pmi_scores"),
     "prompts": ("ExplainPrompt", "explain_prompt", "normalise"),
     "simulate": ("Simulator", "pearson"),
-    "stream": ("ExemplarStream", "Reservoir", "WindowTopK"),
     "tables": ("Excerpt", "NeuronExemplars", "read_exemplars", "read_explanations"),
 }
-_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+_MODULE_OF = {name: f"neuronatlas.explain.{module}" for module, names in _WHERE.items() for name in names}
+# the corpus exemplar stream and its statistics live in the recorder package
+_MODULE_OF |= {"ExemplarStream": "neuronatlas.record.corpus", "Reservoir": "neuronatlas.record.exemplar_stats",
+               "WindowTopK": "neuronatlas.record.exemplar_stats"}
 
 
 def __getattr__(name: str) -> Any:
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module 'neuronatlas.explain' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"neuronatlas.explain.{module}"), name)
+    return getattr(importlib.import_module(module), name)
 
 
 def __dir__() -> list[str]:

@@ -2,9 +2,9 @@
 
 For each neuron the pass keeps the ``top_k`` (document, token) pairs with the largest activation and
 a seeded uniformly random sample of ``n_random`` (document, token) pairs, each with the neuron's
-activations on a window of ``context`` tokens before and ``after`` tokens after it (see
-:mod:`.stream`). Memory is bounded by ``layers x neurons x (top_k + n_random) x window`` floats plus
-one batch, whatever the corpus length: documents are read in chunks of ``chunk_docs``, sorted by
+activations on a window of ``context`` tokens before and ``after`` tokens after it (the stream is
+:mod:`neuronatlas.record.corpus`). Memory is bounded by ``layers x neurons x (top_k + n_random) x window``
+floats plus one batch, whatever the corpus length: documents are read in chunks of ``chunk_docs``, sorted by
 length inside a chunk (less padding), and dropped after their batch.
 
 After the pass a second, text-only pass re-reads the corpus (no forward) and re-tokenises just the
@@ -38,7 +38,8 @@ import numpy as np
 import pyarrow as pa
 
 from neuronatlas.errors import DatasetError
-from neuronatlas.explain.stream import ExemplarStream, WindowTopK
+from neuronatlas.record.corpus import ExemplarStream
+from neuronatlas.record.exemplar_stats import WindowTopK
 from neuronatlas.explain.tables import DOCS_TABLE, EXEMPLARS_TABLE, META_KEY, table_meta
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component

@@ -51,6 +51,7 @@ from neuronatlas.explain.tables import (
     table_meta,
     upsert_explanations,
 )
+from neuronatlas.ids import NeuronId
 from neuronatlas.intervene.neurons import NeuronSet
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record.batching import encode_ids
@@ -181,7 +182,7 @@ def _baseline(simulator: Simulator, res: NeuronExplanation, ex: NeuronExemplars,
     pick = random.Random(f"{config.seed}:{res.layer}:{res.neuron}:baseline").choice(others)
     top, rand = _scored(ex, config)
     res.baseline_score = simulator.score(pool[pick], top + rand, ex.max_activation)
-    res.baseline_from = f"L{pick[0]}:{pick[1]}"
+    res.baseline_from = str(NeuronId(*pick))
     res.seconds["baseline"] = time.perf_counter() - t
 
 
@@ -217,7 +218,7 @@ def explain_neurons(atlas: Atlas | str | Path, neurons: NeuronSet, *, explainer:
             _baseline(simulator, res, ex, pool, config)
         except NeuronAtlasError as exc:
             saved = f"; {len(results)} finished explanation(s) saved" if results else ""
-            raise type(exc)(f"L{layer}:{neuron}: {exc}{saved}") from exc
+            raise type(exc)(f"{NeuronId(layer, neuron)}: {exc}{saved}") from exc
         upsert_explanations(store, [res.row()])
         pool[(layer, neuron)] = res.explanation
         if res.baseline_from is None:        # no other explanation existed yet: baseline at the end

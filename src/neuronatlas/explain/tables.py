@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronatlas.errors import AtlasError
+from neuronatlas.ids import NeuronId
 from neuronatlas.store.atlas import Atlas
+from neuronatlas.store.schemas import EXPLANATIONS
 
 __all__ = [
     "DOCS_TABLE",
@@ -47,15 +49,12 @@ EXEMPLARS_TABLE = "corpus_exemplars.parquet"
 EXPLANATIONS_TABLE = "explanations.parquet"
 META_KEY = b"neuronatlas"
 
-EXPLANATION_COLUMNS = ("layer", "neuron", "site", "explanation", "explainer", "score", "baseline_score", "pmi",
-                       "candidates", "causal_delta_exemplars", "causal_delta_random")
+EXPLANATION_COLUMNS = EXPLANATIONS.names
 
 
 def explanation_schema() -> pa.Schema:
-    return pa.schema([("layer", pa.int32()), ("neuron", pa.int32()), ("site", pa.string()),
-                      ("explanation", pa.string()), ("explainer", pa.string()), ("score", pa.float64()),
-                      ("baseline_score", pa.float64()), ("pmi", pa.float64()), ("candidates", pa.list_(pa.string())),
-                      ("causal_delta_exemplars", pa.float64()), ("causal_delta_random", pa.float64())])
+    """The explanations table's schema (owned by :mod:`neuronatlas.store.schemas`)."""
+    return EXPLANATIONS.schema
 
 
 def open_atlas(atlas: Atlas | str | Path) -> Atlas:
@@ -128,7 +127,7 @@ def read_exemplars(atlas: Atlas | str | Path, layer: int, neuron: int) -> Neuron
                        "FROM corpus_exemplars WHERE layer = ? AND neuron = ? ORDER BY kind DESC, rank",
                        [int(layer), int(neuron)]).to_pylist()
     if not rows:
-        raise AtlasError(f"no exemplars for L{layer}:{neuron} in {str(store.path)!r}; check the neuron index or "
+        raise AtlasError(f"no exemplars for {NeuronId(layer, neuron)} in {str(store.path)!r}; check the neuron index or "
                          "rerun `neuronatlas exemplars` on this model")
     out = NeuronExemplars(int(layer), int(neuron))
     for r in rows:

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuronatlas.errors import SelectionError
+from neuronatlas.ids import NeuronId
 from neuronatlas.models.sites import Component
 
 __all__ = ["NeuronSet", "parse_neuron"]
 
-_PART_RE = re.compile(r"^L(\d+):(\*|\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
+_PART_RE = re.compile(r"^[Ll]?(\d+):(\*|\d+(?:-\d+)?(?:,\d+(?:-\d+)?)*)$")
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,19 @@ class NeuronSet:
     def validate(self, n_layers: int, n_neurons: int) -> "NeuronSet":
         for layer, neuron in self.pairs:
             if not 0 <= layer < n_layers:
-                raise SelectionError(f"layer {layer} in L{layer}:{neuron} is out of range; the model has layers 0-{n_layers - 1}")
+                raise SelectionError(f"layer {layer} in {NeuronId(layer, neuron)} is out of range; the model has layers 0-{n_layers - 1}")
             if not 0 <= neuron < n_neurons:
-                raise SelectionError(f"neuron index {neuron} in L{layer}:{neuron} is out of range; layers have neurons 0-{n_neurons - 1}")
+                raise SelectionError(f"neuron index {neuron} in {NeuronId(layer, neuron)} is out of range; layers have neurons 0-{n_neurons - 1}")
         return self
 
+    def ids(self) -> list[NeuronId]:
+        """The neurons as :class:`~neuronatlas.ids.NeuronId` (in ``pairs`` order)."""
+        return [NeuronId(layer, neuron) for layer, neuron in self.pairs]
+
     def __str__(self) -> str:
-        return " ".join(f"L{layer}:{','.join(map(str, ns))}" for layer, ns in self.by_layer().items())
+        """The selector form: ``L12:345`` per single neuron, ``L5:1,2,3`` for several in one layer."""
+        return " ".join(str(NeuronId(layer, ns[0])) if len(ns) == 1 else f"{NeuronId(layer, ns[0])},{','.join(map(str, ns[1:]))}"
+                        for layer, ns in self.by_layer().items())
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[int, int]], component: Component | str = Component.MLP) -> "NeuronSet":
@@ -87,6 +94,12 @@ class NeuronSet:
 
 
 def parse_neuron(part: str, n_neurons: int | None = None) -> list[tuple[int, int]]:
+    """One selector part as (layer, neuron) pairs; single ids go through :meth:`NeuronId.parse`."""
+    if "-" not in part and "," not in part and "*" not in part:
+        try:
+            return [NeuronId.parse(part).pair]
+        except SelectionError:
+            pass  # reported below with the whole selector syntax
     match = _PART_RE.match(part)
     if not match:
         raise SelectionError(f"cannot parse neuron selector {part!r}; write L<layer>:<index>, "
@@ -101,7 +114,7 @@ def parse_neuron(part: str, n_neurons: int | None = None) -> list[tuple[int, int
         if "-" in item:
             lo, hi = (int(x) for x in item.split("-"))
             if hi < lo:
-                raise SelectionError(f"range {item!r} in {part!r} runs backwards; write L{layer}:{hi}-{lo}")
+                raise SelectionError(f"range {item!r} in {part!r} runs backwards; write {NeuronId(layer, hi)}-{lo}")
             out.extend((layer, j) for j in range(lo, hi + 1))
         else:
             out.append((layer, int(item)))
@@ -131,6 +144,6 @@ def _read_selection_file(path: Path) -> list[tuple[int, int]]:
         except json.JSONDecodeError:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     try:
-        return [(int(r["layer"]), int(r["neuron"])) for r in rows]  # type: ignore[call-overload]
+        return [(int(r["layer"]), int(r["neuron"])) for r in rows]  # type: ignore[call-overload, arg-type]
     except (KeyError, TypeError, ValueError) as exc:
         raise SelectionError(f"selection file {str(path)!r} needs integer 'layer' and 'neuron' columns ({exc})") from None

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from neuronatlas.errors import AtlasError
+from neuronatlas.store.schemas import conform
 
 __all__ = ["Atlas", "SCHEMA_VERSION", "atomic_path", "write_json_atomic"]
 
@@ -204,8 +205,8 @@ class Atlas:
 
     def write_table(self, relpath: str, table: pa.Table | dict[str, Any],
                     *, describe: str | None = None) -> Path:
-        if isinstance(table, dict):
-            table = pa.table(table)
+        """Write ``table`` atomically; tables with a schema in :mod:`.schemas` are checked and cast to it."""
+        table = conform(relpath, table)
         target = self.file(relpath)
         with atomic_path(target) as tmp:
             pq.write_table(table, tmp, compression="zstd")

@@ -45,7 +45,7 @@ from neuronatlas.web.data import (
     BadRequest,
     Library,
     NotFound,
-    parse_neuron,
+    neuron_from_url,
 )
 from neuronatlas.web.neuron import neuron_context
 from neuronatlas.web.pages import (
@@ -183,7 +183,7 @@ def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None) 
     @app.get("/a/{slug}/neuron/{layer}/{neuron}", response_class=HTMLResponse)
     def neuron(slug: str, layer: str, neuron: str) -> Response:
         view = library.get(slug)
-        lay, n = parse_neuron(layer, neuron)
+        lay, n = neuron_from_url(layer, neuron).pair
         return _cached(view, ("neuron", lay, n), lambda: ("neuron.html", neuron_context(view, lay, n)))
 
     @app.get("/a/{slug}/search", response_class=HTMLResponse)

@@ -26,11 +26,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from neuronatlas.errors import AtlasError, NeuronAtlasError
+from neuronatlas.errors import AtlasError, NeuronAtlasError, SelectionError
+from neuronatlas.ids import NeuronId
 from neuronatlas.store import Atlas
 from neuronatlas.store.sql import check_read_only
 
-__all__ = ["Library", "AtlasView", "NotFound", "BadRequest", "concept_key", "slugify", "parse_neuron",
+__all__ = ["Library", "AtlasView", "NotFound", "BadRequest", "concept_key", "slugify", "neuron_from_url",
            "PAGE_SIZE", "MAX_PAGE", "STUDY_FILE_EXTS", "page_count"]
 
 PAGE_SIZE = 50
@@ -69,12 +70,15 @@ def concept_key(concept: str) -> str:
     return f"{safe}~{hashlib.sha1(concept.encode()).hexdigest()[:8]}"
 
 
-def parse_neuron(layer: str, neuron: str) -> tuple[int, int]:
-    """Parse the URL parts ``L12`` and ``345``; raise :class:`BadRequest` on anything else."""
-    m = re.fullmatch(r"[Ll]?(\d{1,4})", layer)
-    if not m or not re.fullmatch(r"\d{1,7}", neuron):
+def neuron_from_url(layer: str, neuron: str) -> NeuronId:
+    """Parse the URL parts ``L12`` and ``345`` through :class:`NeuronId`; :class:`BadRequest` on anything else."""
+    try:
+        nid = NeuronId.from_url(layer, neuron)
+    except SelectionError:
+        nid = None
+    if nid is None or nid.component is not None or nid.layer > 9999 or nid.index > 9_999_999:
         raise BadRequest(f"malformed neuron id {layer!r}/{neuron!r}; use /neuron/L<layer>/<neuron>, e.g. /neuron/L3/17")
-    return int(m.group(1)), int(neuron)
+    return nid
 
 
 def page_count(total: int, size: int = PAGE_SIZE) -> int:
@@ -286,7 +290,7 @@ class AtlasView:
         dims = self.dims()
         if dims is None or layer >= dims[0] or neuron >= dims[1]:
             shape = f"{dims[0]} layers x {dims[1]} neurons" if dims else "no neurons"
-            raise NotFound(f"neuron L{layer}/{neuron} is not in atlas {self.slug!r} ({shape})")
+            raise NotFound(f"neuron {NeuronId(layer, neuron)} is not in atlas {self.slug!r} ({shape})")
 
     def concepts(self) -> dict[str, str]:
         """Concept key -> concept name, from selections and the studies in the manifest."""

@@ -1,7 +1,8 @@
 """The neuron page: statistics per label, decoded tokens, exemplars, explanation, selections.
 
-Each section is read with one parameterised query and appears only when the atlas has the table and
-rows for this neuron.
+The rows come from the one card builder, :func:`neuronatlas.explain.card.neuron_sections` (the same
+that serves ``neuronatlas show``); this module adds what the page draws (charts, z-scores, token spans).
+Each section appears only when the atlas has the table and rows for this neuron.
 
     >>> from neuronatlas.web.data import Library
     >>> from neuronatlas.web.neuron import neuron_context
@@ -15,6 +16,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from neuronatlas.explain.card import SECTIONS, neuron_sections
+from neuronatlas.ids import NeuronId
 from neuronatlas.web.data import AtlasView, concept_key
 from neuronatlas.web.render import bar_chart_svg
 
@@ -58,12 +61,7 @@ def token_spans(tokens: Sequence[Any], acts: Sequence[Any] | None = None, *, foc
     return out
 
 
-def _stats(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
-    if not view.has("stats", "label", "layer", "neuron"):
-        return []
-    cols = ["record", "site", "label", "n_tokens", "n_prompts", "mean", "var", "max", "act_prob"]
-    rows = view.rows(f"SELECT {view.select('stats', cols)} FROM stats WHERE layer = ? AND neuron = ?",
-                     [layer, neuron])
+def _stats(view: AtlasView, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     records = view.manifest().get("records", {})
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -87,20 +85,23 @@ def _stats(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
     return out
 
 
-def _decoded(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
-    if not view.has("decoded", "layer", "neuron", "side", "direction", "token"):
-        return []
+def _fast_decoded(view: AtlasView) -> Any:
+    """Decoded rows from the viewer's in-memory copy (token ids spelled from the cached vocabulary), if any."""
     tokens = view.tokens
-    if tokens is not None:  # the in-memory copy: token ids, spelled from the cached vocabulary
-        rows = view.rows("SELECT side::VARCHAR AS side, direction::VARCHAR AS direction, rank, tid, score "
-                         "FROM _decoded_by_neuron WHERE layer = ? AND neuron = ? ORDER BY side, direction, rank",
-                         [layer, neuron])
-        for r in rows:
+    if tokens is None:
+        return None
+
+    def rows(layer: int, neuron: int, n_ranks: int) -> list[dict[str, Any]]:
+        out = view.rows("SELECT side::VARCHAR AS side, direction::VARCHAR AS direction, rank, tid, score "
+                        "FROM _decoded_by_neuron WHERE layer = ? AND neuron = ? AND rank < ? "
+                        "ORDER BY side, direction, rank", [layer, neuron, n_ranks])
+        for r in out:
             r["token"] = tokens[r.pop("tid")]
-    else:
-        rows = view.rows(f"SELECT {view.select('decoded', ['side', 'direction', 'rank', 'token', 'score'])} "
-                         "FROM decoded WHERE layer = ? AND neuron = ? ORDER BY side, direction, rank, score DESC",
-                         [layer, neuron])
+        return out
+    return rows
+
+
+def _decoded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     sides: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in rows:
         lst = sides.setdefault(str(r["side"]), {"top": [], "bottom": []}).setdefault(str(r["direction"]), [])
@@ -111,21 +112,7 @@ def _decoded(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
             for s, d in sorted(sides.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))]
 
 
-def _record_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
-    if not view.has("exemplars", "layer", "neuron", "prompt_id", "position"):
-        return []
-    cols = ["record", "rank", "prompt_id", "position", "activation", "token"]
-    rows = view.rows(f"SELECT {view.select('exemplars', cols)} FROM exemplars WHERE layer = ? AND neuron = ? "
-                     "AND coalesce(rank, 0) < ? ORDER BY record, rank, activation DESC",
-                     [layer, neuron, MAX_EXEMPLARS])
-    if not rows:
-        return []
-    prompts: dict[tuple[str, int], dict[str, Any]] = {}
-    if view.has("prompts", "prompt_id", "tokens"):
-        ids = sorted({int(r["prompt_id"]) for r in rows})
-        for row in view.rows(f"SELECT {view.select('prompts', ['record', 'prompt_id', 'label', 'tokens', 'text'])} "
-                             "FROM prompts WHERE list_contains(?::BIGINT[], prompt_id)", [ids]):
-            prompts[(str(row["record"]), int(row["prompt_id"]))] = row
+def _record_exemplars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault(str(r["record"]), []).append(r)
@@ -133,7 +120,7 @@ def _record_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str
     for rec, items in groups.items():
         scale = max((abs(v) for v in (_finite(r["activation"]) for r in items) if v is not None), default=0.0)
         for r in items:
-            p: dict[str, Any] | None = prompts.get((rec, int(r["prompt_id"])))
+            p: dict[str, Any] | None = r["prompt"]
             tokens = list(p["tokens"]) if p and p.get("tokens") is not None else [r["token"]]
             pos = int(r["position"]) if p and p.get("tokens") is not None else 0
             r["label"] = p.get("label") if p else None
@@ -143,15 +130,7 @@ def _record_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str
     return out
 
 
-def _corpus_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
-    if not view.has("corpus_exemplars", "layer", "neuron", "window_tokens"):
-        return []
-    cols = ["kind", "rank", "doc_id", "position", "activation", "window_start", "window_tokens", "window_acts"]
-    rows = view.rows(f"SELECT {view.select('corpus_exemplars', cols)} FROM corpus_exemplars "
-                     "WHERE layer = ? AND neuron = ? AND coalesce(rank, 0) < ? ORDER BY kind DESC, rank",
-                     [layer, neuron, MAX_EXEMPLARS])
-    if not rows:
-        return []
+def _corpus_exemplars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     scale = 0.0
     for r in rows:
         for a in list(r["window_acts"] or []) + [r["activation"]]:
@@ -169,21 +148,7 @@ def _corpus_exemplars(view: AtlasView, layer: int, neuron: int) -> list[dict[str
     return [{"kind": k, "rows": groups[k], "scale": scale} for k in sorted(groups, key=lambda k: (k != "top", k))]
 
 
-def _explanations(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
-    if not view.has("explanations", "layer", "neuron", "explanation"):
-        return []
-    cols = ["site", "explanation", "explainer", "score", "baseline_score", "pmi", "candidates",
-            "causal_delta_exemplars", "causal_delta_random"]
-    return view.rows(f"SELECT {view.select('explanations', cols)} FROM explanations WHERE layer = ? AND neuron = ? "
-                     "ORDER BY score DESC NULLS LAST", [layer, neuron])
-
-
-def _selections(view: AtlasView, layer: int, neuron: int) -> list[dict[str, Any]]:
-    if not view.has("selections", "layer", "neuron", "concept"):
-        return []
-    cols = ["study", "concept", "method", "site", "score", "rank"]
-    rows = view.rows(f"SELECT {view.select('selections', cols)} FROM selections WHERE layer = ? AND neuron = ? "
-                     "ORDER BY study, concept, method", [layer, neuron])
+def _selections(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         r["key"] = concept_key(str(r["concept"]))
     return rows
@@ -193,20 +158,22 @@ def neuron_context(view: AtlasView, layer: int, neuron: int) -> dict[str, Any]:
     """Everything the neuron page shows (raises NotFound for a neuron outside the atlas)."""
     view.check_neuron(layer, neuron)
     dims = view.dims() or (0, 0)
+    raw = neuron_sections(view, layer, neuron, n_decoded=MAX_DECODED_RANK, n_exemplars=MAX_EXEMPLARS,
+                          decoded_rows=_fast_decoded(view))
     sections = {
-        "stats": _stats(view, layer, neuron),
-        "decoded": _decoded(view, layer, neuron),
-        "exemplars": _record_exemplars(view, layer, neuron),
-        "corpus": _corpus_exemplars(view, layer, neuron),
-        "explanations": _explanations(view, layer, neuron),
-        "selections": _selections(view, layer, neuron),
+        "stats": _stats(view, raw["stats"]),
+        "decoded": _decoded(raw["decoded"]),
+        "exemplars": _record_exemplars(raw["exemplars"]),
+        "corpus": _corpus_exemplars(raw["corpus"]),
+        "explanations": raw["explanations"],
+        "selections": _selections(raw["selections"]),
     }
     prev = (layer, neuron - 1) if neuron > 0 else ((layer - 1, dims[1] - 1) if layer > 0 else None)
     nxt = (layer, neuron + 1) if neuron + 1 < dims[1] else ((layer + 1, 0) if layer + 1 < dims[0] else None)
-    missing = [name for name, table in (("statistics", "stats"), ("decoded tokens", "decoded"),
-                                        ("record exemplars", "exemplars"), ("corpus exemplars", "corpus_exemplars"),
-                                        ("explanations", "explanations"), ("selections", "selections"))
-               if not view.has(table)]
+    missing = [name for name, key in (("statistics", "stats"), ("decoded tokens", "decoded"),
+                                      ("record exemplars", "exemplars"), ("corpus exemplars", "corpus"),
+                                      ("explanations", "explanations"), ("selections", "selections"))
+               if not view.has(SECTIONS[key].name)]
     return {"atlas": view, "slug": view.slug, "layer": layer, "neuron": neuron, "dims": dims, "sections": sections,
-            "prev": prev, "next": nxt, "missing": missing, "title": f"L{layer}/{neuron}",
+            "prev": prev, "next": nxt, "missing": missing, "title": NeuronId(layer, neuron).url_path(),
             "empty": not any(sections.values())}

@@ -22,6 +22,7 @@ from urllib.parse import quote, urlencode
 
 from markupsafe import Markup, escape
 
+from neuronatlas.ids import NeuronId
 from neuronatlas.web.data import concept_key
 
 __all__ = ["ServerLinker", "StaticLinker", "render", "bar_chart_svg", "layer_chart_svg", "display_token",
@@ -58,7 +59,7 @@ class ServerLinker:
         return self._q(f"/a/{slug}/concept/{quote(key)}", layer=layer, study=study, method=method, page=page)
 
     def neuron(self, slug: str, layer: int, neuron: int) -> str | None:
-        return f"/a/{slug}/neuron/L{layer}/{neuron}"
+        return f"/a/{slug}/neuron/{NeuronId(layer, neuron).url_path()}"
 
     def search(self, slug: str, q: str = "", kind: str = "token", page: int = 1, **filters: Any) -> str | None:
         return self._q(f"/a/{slug}/search", q=q, kind=kind, page=page, **filters)
@@ -86,7 +87,7 @@ def static_path(kind: str, slug: str = "", **p: Any) -> str:
         name += f"+p{p['page']}" if p.get("page", 1) != 1 else ""
         return f"{base}/concept/{name}.html"
     if kind == "neuron":
-        return f"{base}/neuron/L{p['layer']}/{p['neuron']}.html"
+        return f"{base}/neuron/{NeuronId(p['layer'], p['neuron']).url_path()}.html"
     if kind == "study":
         return f"{base}/study/{p['study']}/index.html"
     if kind == "study_file":
