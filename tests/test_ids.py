@@ -50,3 +50,9 @@ def test_neuron_set_and_viewer_use_the_vocabulary():
     for layer, neuron in (("L3", "x"), ("L3.gate", "1"), ("Q3", "1")):
         with pytest.raises(BadRequest, match="malformed neuron id"):
             neuron_from_url(layer, neuron)
+
+
+def test_find_reads_search_box_forms():
+    for text in ("L12:345", "l12/345", "12 345", "12,345", " 12 . 345 "):
+        assert NeuronId.find(text) == NeuronId(12, 345)
+    assert NeuronId.find("capital") is None and NeuronId.find("L12") is None

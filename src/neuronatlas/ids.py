@@ -12,6 +12,8 @@ This module is a leaf (no torch, no other neuronatlas module but errors), so eve
     NeuronId(layer=12, index=345, component=None)
     >>> NeuronId(3, 17).url_path()
     'L3/17'
+    >>> NeuronId.find("12 345")              # lenient, for search boxes; None when no neuron is named
+    NeuronId(layer=12, index=345, component=None)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ __all__ = ["NeuronId", "ACCEPTED_FORMS", "neuron_str"]
 
 ACCEPTED_FORMS = "L<layer>:<index> (e.g. L12:345; also l12:345, 12:345, L12/345 or L12.gate:345)"
 _ID_RE = re.compile(r"^[Ll]?(\d{1,6})(?:\.([a-z]+))?[:/](\d{1,9})$")
+# what a search box may hold: any one of / : . , or spaces between layer and index
+_LOOSE_RE = re.compile(r"^\s*[Ll]?(\d{1,4})\s*[/:.,\s]\s*(\d{1,7})\s*$")
 
 
 @dataclass(frozen=True, order=True)
@@ -61,6 +65,12 @@ class NeuronId:
         if not match:
             raise SelectionError(f"cannot parse neuron id {text!r}; write {ACCEPTED_FORMS}")
         return cls(int(match.group(1)), int(match.group(3)), match.group(2))
+
+    @classmethod
+    def find(cls, text: str) -> "NeuronId | None":
+        """The neuron a search box's ``text`` names (``L12:345``, ``l12/345``, ``12 345``, ``12,345``), else None."""
+        match = _LOOSE_RE.match(text)
+        return cls(int(match.group(1)), int(match.group(2))) if match else None
 
     @classmethod
     def from_url(cls, layer: str, index: str) -> "NeuronId":

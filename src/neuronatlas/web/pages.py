@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from neuronatlas.ids import NeuronId
 from neuronatlas.web.cache import TOKEN_INDEX, TOKEN_TABLE, normalize_token
 from neuronatlas.web.data import (
     PAGE_SIZE,
@@ -38,7 +39,6 @@ HEATMAP_ROWS = 60
 SEARCH_KINDS = ("token", "explanation", "concept")
 _MAX_NUMBERS = 200
 _PLOT_EXTS = (".png", ".svg", ".jpg", ".jpeg")
-_NEURON_ID = re.compile(r"^\s*[Ll]?(\d{1,4})\s*[/:.,\s]\s*(\d{1,7})\s*$")
 
 
 # --- study results (generic: results.json is free-form) ---------------------------------------------
@@ -281,9 +281,9 @@ def search_context(view: AtlasView, q: str = "", kind: str = "token", page: int 
                            "directions": view.distinct("decoded", "direction")}
     ctx["side"] = side = view.check_choice(side, "decoded", "side")
     ctx["direction"] = direction = view.check_choice(direction, "decoded", "direction")
-    if (m := _NEURON_ID.match(q)) is not None:
+    if (nid := NeuronId.find(q)) is not None:
         dims = view.dims()
-        lay, n = int(m.group(1)), int(m.group(2))
+        lay, n = nid.pair
         if dims and lay < dims[0] and n < dims[1]:
             ctx["jump"] = (lay, n)
     if not q or not ctx["available"][kind]:
