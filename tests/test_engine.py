@@ -204,13 +204,13 @@ def test_mean_ablation(llama):
 
 @pytest.mark.parametrize("selector,expected", [
     ("L3:5", [(3, 5)]), ("L1:2-4", [(1, 2), (1, 3), (1, 4)]), ("L0:1,3 L2:0", [(0, 1), (0, 3), (2, 0)]),
-    ("L1:0-1;L0:5", [(0, 5), (1, 0), (1, 1)]),
+    ("L1:0-1;L0:5", [(0, 5), (1, 0), (1, 1)]), ("3:4", [(3, 4)]), ("l2:7", [(2, 7)]),
 ])
 def test_selector_parsing(selector, expected):
     assert list(NeuronSet.parse(selector).pairs) == expected
 
 
-@pytest.mark.parametrize("bad,part", [("L3", "L3"), ("L3:a", "L3:a"), ("3:4", "3:4"), ("L2:5-1", "5-1"), ("", "empty")])
+@pytest.mark.parametrize("bad,part", [("L3", "L3"), ("L3:a", "L3:a"), ("X3:4", "X3:4"), ("L2:5-1", "5-1"), ("", "empty")])
 def test_selector_errors_name_the_bad_part(bad, part):
     with pytest.raises(SelectionError, match=part):
         NeuronSet.parse(bad)
