@@ -53,6 +53,7 @@ from neuronatlas.decode.find import (
     normalize_token,
     word_forms,
 )
+from neuronatlas.ids import neuron_str
 from neuronatlas.errors import DatasetError, InterventionError, SelectionError
 from neuronatlas.evaluate import generate, next_token_logprobs
 from neuronatlas.intervene import Clamp, NeuronSet
@@ -181,7 +182,7 @@ def select_concept_neurons(lm: LoadedModel, token_ids: dict[int, str], n: int, *
         if side == "out_normed":
             vec = fold_final_norm(lm, vec[None])[0]
         top = (w_u @ vec).topk(8).indices.tolist()
-        neurons.append({"id": f"L{layer}:{j}", "layer": layer, "neuron": j, "rank": int(rank[li, j]),
+        neurons.append({"id": neuron_str(layer, j), "layer": layer, "neuron": j, "rank": int(rank[li, j]),
                         "score": float(score[li, j]), "token": normalize_token(str(token_ids[int(which[li, j])])),
                         "top_tokens": [normalize_token(str(vocab[t])) for t in top], "selection_rank": pos})
     counts = np.bincount(rank.reshape(-1).clip(max=20), minlength=21)
@@ -220,7 +221,7 @@ def _set_scores(pooled: np.ndarray, labels: np.ndarray, pairs: list[tuple[int, i
 def _activation_analysis(pooled: np.ndarray, labels: np.ndarray, chosen: NeuronSet, n_neurons: int,
                          config: ClampConfig) -> dict[str, Any]:
     d, p_mwu = _set_scores(pooled, labels, list(chosen.pairs))
-    per_neuron = {f"L{layer}:{j}": _cohens_d(pooled[labels == 1, layer, j], pooled[labels == 0, layer, j])
+    per_neuron = {neuron_str(layer, j): _cohens_d(pooled[labels == 1, layer, j], pooled[labels == 0, layer, j])
                   for layer, j in chosen.pairs}
     null = np.array([_set_scores(pooled, labels, list(random_like(chosen, n_neurons, seed=100_000 + s).pairs),
                                  with_p=False)[0] for s in range(config.n_permutations)])

@@ -36,6 +36,7 @@ import pyarrow as pa
 import torch
 
 from neuronatlas.data.prompts import PromptSet
+from neuronatlas.ids import neuron_str
 from neuronatlas.errors import DatasetError
 from neuronatlas.evaluate.perplexity import count_forwards, perplexity, text_nll
 from neuronatlas.intervene import Ablate, Clamp, NeuronSet, intervene
@@ -206,7 +207,7 @@ def run_languages_study(lm: LoadedModel, out: str | Path, config: LanguagesConfi
     selection = {"lape": lape.summary(), "entropy_max": emax.summary(),
                  "overlap_lape_vs_variant": {lang: jaccard(sets[lang], NeuronSet.of(emax.neurons_[lang], "gate"))
                                              for lang in langs},
-                 "neurons": {lang: [f"L{a}:{b}" for a, b in lape.neurons_[lang]] for lang in langs}}
+                 "neurons": {lang: [neuron_str(a, b) for a, b in lape.neurons_[lang]] for lang in langs}}
     results = _clean({
         "study": STUDY, "config": asdict(config), "languages": langs,
         "provenance": study_provenance(lm, seed=config.seed, dataset_sha256=prompts.content_hash,
