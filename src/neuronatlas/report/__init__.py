@@ -1,5 +1,6 @@
-"""Reports: plots and HTML pages of study results."""
+"""Reports: the typed study report (:mod:`neuronatlas.report.model`), plots and HTML pages."""
 
-from neuronatlas.report.html import Section, Table, fmt, write_report
+from neuronatlas.report.html import fmt, write_report, write_study_report
+from neuronatlas.report.model import Finding, Section, StudyReport, Table
 
-__all__ = ["Section", "Table", "fmt", "write_report"]
+__all__ = ["Finding", "Section", "StudyReport", "Table", "fmt", "write_report", "write_study_report"]

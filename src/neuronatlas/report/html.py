@@ -11,30 +11,17 @@ Findings are sentences computed from the numbers by the study, never fixed text.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Section", "Table", "write_report", "fmt"]
+from neuronatlas.report.model import Finding, Section, StudyReport, Table
 
-
-@dataclass
-class Table:
-    columns: Sequence[str]
-    rows: Sequence[Sequence[Any]]
-    caption: str = ""
-
-
-@dataclass
-class Section:
-    title: str
-    finding: str
-    figures: Sequence[str] = field(default_factory=list)   # paths relative to the report
-    tables: Sequence[Table] = field(default_factory=list)
-    notes: str = ""
+__all__ = ["Section", "Table", "write_report", "write_study_report", "fmt"]
 
 
 def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
     if isinstance(value, float):
         if value != value:
             return "–"
@@ -43,15 +30,26 @@ def fmt(value: Any) -> str:
 
 
 def write_report(path: str | Path, *, title: str, setup: Mapping[str, Any], sections: Sequence[Section],
-                 intro: str = "") -> Path:
+                 intro: str = "", findings: Sequence[Finding] = ()) -> Path:
+    """Render a report; each section's ``finding`` is a key of ``findings`` or a sentence."""
     from jinja2 import Environment, PackageLoader, select_autoescape
 
     from neuronatlas.store.atlas import atomic_path
 
     env = Environment(loader=PackageLoader("neuronatlas.report", "templates"), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = fmt
-    html = env.get_template("report.html").render(title=title, setup=setup, sections=sections, intro=intro)
+    by_key = {f.key: f for f in findings}
+    shown = [{"title": sec.title, "finding": by_key[sec.finding].text if sec.finding in by_key else sec.finding,
+              "figures": sec.figures, "tables": sec.tables, "notes": sec.notes} for sec in sections]
+    html = env.get_template("report.html").render(title=title, setup=setup, sections=shown, intro=intro,
+                                                  findings=findings)
     target = Path(path)
     with atomic_path(target) as tmp:
         tmp.write_text(html, encoding="utf-8")
     return target
+
+
+def write_study_report(path: str | Path, report: StudyReport) -> Path:
+    """Render a :class:`~neuronatlas.report.model.StudyReport` as a self-contained HTML page."""
+    return write_report(path, title=report.title, setup=report.setup, sections=report.sections, intro=report.intro,
+                        findings=report.findings)
