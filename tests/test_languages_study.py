@@ -8,7 +8,6 @@ import importlib.util
 import json
 import math
 import os
-import time
 import warnings
 
 import numpy as np
@@ -281,14 +280,17 @@ def test_study_on_a_tiny_model_runs_resumes_and_writes_selections(tmp_path) -> N
     other = {"study": ["relations"], "concept": ["capital"], "method": ["ap"], "site": ["mlp"],
              "layer": [1], "neuron": [2], "score": [0.9], "rank": [0]}
     atlas.write_table("selections.parquet", pa.table(other))
-    cfg = LanguagesConfig(langs=("en", "fr", "de"), top_rate=0.2, seeds=2, n_gen=2, max_new_tokens=4)
+    cfg = LanguagesConfig(langs=("en", "fr", "de"), top_rate=0.2, n_random=2, n_gen=2, max_new_tokens=4)
     res = run_languages_study(lm, tmp_path / "out", cfg, atlas=tmp_path / "atlas", rows=_rows())
     langs = ["en", "fr", "de"]
-    assert res["forward_passes_this_run"]["perplexity"] > 0
+    assert res["timing"]["model_forward_calls"] > 0
     assert set(res["ppl"]["change"]) == set(langs) and all(set(v) == set(langs) for v in res["ppl"]["change"].values())
-    assert set(res["ppl"]["random"]["fr"]["fr"]) == {"mean", "lo", "hi", "seeds"}
-    assert len(res["ppl"]["random"]["fr"]["fr"]["seeds"]) == 2
-    assert set(res["generation"]["clamp"]["fr"]["by_prompt_language"]) == set(langs)
+    assert set(res["ppl"]["random"]["fr"]) == {"mean", "lo", "hi", "p_vs_random", "sets"}
+    assert len(res["ppl"]["random"]["fr"]["sets"]) == 2
+    assert {r["language"] for r in res["generation"]["clamp"]} == {k for k in langs if res["selection"]["lape"]["counts"][k]}
+    report = res["report"]
+    assert [f["key"] for f in report["findings"]][:3] == ["selection", "own_ppl", "specificity"]
+    assert all(f["rule"] for f in report["findings"])
     text = (tmp_path / "out" / "results.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in results.json"))
     for name in ("report.html", "ppl_change.png", "neurons_per_layer.png", "switch_rates.png", "clamp_rates.png"):
@@ -310,7 +312,7 @@ def test_study_on_a_tiny_model_runs_resumes_and_writes_selections(tmp_path) -> N
     assert page.status_code == 200 and len(fr) > 0 and f"L{fr[0]['layer']}" in page.text
     assert client.get("/a/atlas/study/languages").status_code == 200
     again = run_languages_study(lm, tmp_path / "out", cfg, atlas=tmp_path / "atlas", rows=_rows())
-    assert again["forward_passes_this_run"] == {"record": 0, "perplexity": 0, "generation": 0}
+    assert again["timing"]["model_forward_calls"] == 0                  # everything from the state
     assert again["ppl"] == res["ppl"]
     sel2 = Atlas.open(tmp_path / "atlas").read_table("selections.parquet")
     assert sel2.num_rows == len(sel)                                     # replaced, not appended
@@ -330,33 +332,17 @@ def test_study_rejects_a_language_without_test_rows(tmp_path) -> None:
 def test_miniature_study_on_the_embedded_model(tmp_path) -> None:
     from neuronatlas.cli.main import main
 
-    t0 = time.perf_counter()
     args = ["study", "languages", "--out", str(tmp_path / "out"), "--langs", "en,fr,ru", "--n-per-lang", "12",
-            "--seeds", "2", "--n-gen", "2", "--max-new-tokens", "8", "--json"]
+            "--n-random", "2", "--n-gen", "2", "--max-new-tokens", "8", "--json"]
     assert main(args) == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert res["selection"]["lape"]["n_selected"] == round(0.01 * 30 * 1536)
     assert all(res["selection"]["lape"]["counts"][k] > 0 for k in ("en", "fr", "ru"))
-    assert res["ppl"]["change"]["ru"]["ru"] > res["ppl"]["random"]["ru"]["ru"]["mean"]
+    assert res["ppl"]["change"]["ru"]["ru"] > res["ppl"]["random"]["ru"]["mean"]
     assert (tmp_path / "out" / "report.html").exists()
     assert main(args) == 0                                                # resumes: nothing recomputed
     again = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert again["forward_passes_this_run"] == {"record": 0, "perplexity": 0, "generation": 0}
-    assert time.perf_counter() - t0 < 90
-
-
-def test_generation_blocks_match_separate_generate_calls() -> None:
-    from neuronatlas.evaluate import generate
-    from neuronatlas.studies.languages import _generate_blocks
-
-    lm = tiny_model("llama")
-    ablate = (Ablate(NeuronSet.parse("L0:0-15 L1:0-15", "gate")),)
-    a, b = ["The capital of France is", "Le chat est"], ["Der Hund ist braun und", "Madrid is in"]
-    got = _generate_blocks(lm, [(a, ()), (b, ablate), (a, ablate)], max_new_tokens=6)
-    assert got[0] == generate(lm, a, max_new_tokens=6)[0]
-    assert got[1] == generate(lm, b, conditions=[ablate], max_new_tokens=6)[0]
-    assert got[2] == generate(lm, a, conditions=[ablate], max_new_tokens=6)[0]
-    assert got[0] != got[2]
+    assert again["timing"]["model_forward_calls"] == 0
 
 
 def test_auto_threads_respects_a_request_and_stays_in_range() -> None:

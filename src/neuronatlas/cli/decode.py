@@ -22,12 +22,11 @@ from neuronatlas.cli.common import (
     ModelOpt,
     console,
     emit,
-    err_console,
     load_model_cli,
     progress_bar,
 )
 
-__all__ = ["register", "register_study"]
+__all__ = ["register"]
 
 SidesOpt = Annotated[str, typer.Option(help="comma-separated sides: out, out_normed, in_up, in_gate (gated MLPs), "
                                             "in (non-gated); default all the model has")]
@@ -161,51 +160,9 @@ def compare_decode_cmd(
     emit(result, as_json, render)
 
 
-def clamp_study_cmd(
-    concept: Annotated[str, typer.Option(help="the concept word, e.g. dog")],
-    out: Annotated[Path, typer.Option(help="study output directory")],
-    model: ModelOpt = "default",
-    neurons: Annotated[int, typer.Option("--neurons", help="how many decoded neurons to clamp")] = 10,
-    value: Annotated[str, typer.Option(help="clamp value: a number (10) or a multiple of the recorded max (3xmax)")] = "3xmax",
-    seeds: Annotated[int, typer.Option(help="random layer-matched control sets")] = 3,
-    side: Annotated[str, typer.Option(help="decoded side used to pick neurons: out_normed or out")] = "out_normed",
-    atlas: Annotated[Path | None, typer.Option(help="atlas to record into and to add selections.parquet rows to")] = None,
-    max_new_tokens: int = 24,
-    n_prompts: Annotated[int, typer.Option(help="how many of the built-in neutral prompts to use")] = 20,
-    n_texts: Annotated[int, typer.Option(help="corpus sentences per group (concept / other) for activations")] = 60,
-    layers: Annotated[str, typer.Option(help="restrict the search to layers, e.g. 10-29 (default all)")] = "",
-    seed: int = 0,
-    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
-) -> None:
-    """Find a concept's neurons by decoding, clamp them in generation, test against random neurons."""
-    from neuronatlas.studies.clamp import ClampConfig, run_clamp_study
-
-    lm = load_model_cli(model, dtype, device, quiet=as_json)
-    config = ClampConfig(concept=concept, n_neurons=neurons, value=value, seeds=seeds, side=side,
-                         max_new_tokens=max_new_tokens, n_prompts=n_prompts, n_texts=n_texts,
-                         layers=tuple(_layers(layers) or ()), seed=seed)
-    with progress_bar("clamp study", enabled=not as_json) as update:
-        results = run_clamp_study(lm, config, out, atlas=atlas, progress=update)
-    summary = {"out": str(out), "report": str(out / "report.html"), "findings": results["findings"],
-               "neurons": [n["id"] for n in results["selection"]["neurons"]]}
-
-    def render(d: dict[str, Any]) -> None:
-        console.print(f"[bold]clamp study of {concept!r}[/bold] -> {d['report']}")
-        console.print("neurons: " + " ".join(d["neurons"]))
-        for line in d["findings"]:
-            console.print(f"- {line}")
-
-    emit(summary, as_json, render)
-    if not as_json:
-        err_console.print(f"[dim]results: {out / 'results.json'}[/dim]")
-
-
 def register(app: typer.Typer) -> None:
     app.command("decode")(decode_cmd)
     app.command("find")(find_cmd)
     app.command("compare-decode")(compare_decode_cmd)
 
-
-def register_study(study_app: typer.Typer) -> None:
-    study_app.command("clamp")(clamp_study_cmd)
 

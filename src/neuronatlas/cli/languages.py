@@ -16,7 +16,7 @@ import typer
 from rich.table import Table
 
 from neuronatlas.cli.common import (
-    DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, phase_progress,
+    DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit,
 )
 
 __all__ = ["register"]
@@ -106,38 +106,27 @@ def study_languages_cmd(
     out: Annotated[Path, typer.Option(help="study directory: results.json, plots, report.html, state.json")],
     model: ModelOpt = "default",
     langs: LangsOpt = "",
-    n_per_lang: Annotated[int, typer.Option(help="verses per language; a quarter are held out for testing")] = 80,
-    seeds: Annotated[int, typer.Option(help="random-neuron baselines (seeds)")] = 3,
+    n_per_lang: Annotated[int, typer.Option(min=4, help="verses per language; a quarter are held out for testing")] = 80,
+    n_random: Annotated[int, typer.Option("--n-random", min=1, help="matched random neuron sets per condition")] = 20,
     atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into and write selections to "
                                                        "(default: OUT/atlas)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="texts from `neuronatlas data languages` instead of "
                                                       "building them")] = None,
-    top_rate: Annotated[float, typer.Option(help="share of all neurons LAPE selects")] = 0.01,
-    n_gen: Annotated[int, typer.Option(help="generation prompts per language")] = 8,
-    max_new_tokens: int = 16,
+    top_rate: Annotated[float, typer.Option(min=0.0, help="share of all neurons LAPE selects")] = 0.01,
+    n_gen: Annotated[int, typer.Option(min=1, help="generation prompts per language")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
     clamp_scale: Annotated[float, typer.Option(help="clamp value = this x the language's recorded max")] = 1.0,
     random_scope: Annotated[str, typer.Option(help="random baselines on the own language only ('diagonal') "
                                                    "or on every language ('all')")] = "diagonal",
-    batch_size: int = 8, seed: int = 0, threads: ThreadsOpt = 0,
+    batch_size: Annotated[int, typer.Option(min=1)] = 8, seed: int = 0, threads: ThreadsOpt = 0,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
     """Find language-specific neurons (LAPE) and test them: PPL and generation under deactivation and clamping."""
     import torch
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(auto_threads(threads))
-    try:
-        _study(out, model, langs, n_per_lang, seeds, atlas, data, top_rate, n_gen, max_new_tokens, clamp_scale,
-               random_scope, batch_size, seed, dtype, device, as_json)
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _study(out: Path, model: str, langs: str, n_per_lang: int, seeds: int, atlas: Optional[Path],
-           data: Optional[Path], top_rate: float, n_gen: int, max_new_tokens: int, clamp_scale: float,
-           random_scope: str, batch_size: int, seed: int, dtype: str, device: str, as_json: bool) -> None:
+    from neuronatlas.cli.studies import run_study_cli
     from neuronatlas.errors import DatasetError
-    from neuronatlas.studies.languages import LanguagesConfig, run_languages_study
+    from neuronatlas.studies.languages import LanguagesConfig
 
     rows = None
     if data is not None:
@@ -150,34 +139,17 @@ def _study(out: Path, model: str, langs: str, n_per_lang: int, seeds: int, atlas
     if random_scope not in ("diagonal", "all"):
         raise DatasetError(f"--random-scope must be 'diagonal' or 'all', got {random_scope!r}")
     scope: Literal["diagonal", "all"] = "diagonal" if random_scope == "diagonal" else "all"
-    config = LanguagesConfig(n_per_lang=n_per_lang, seeds=seeds, top_rate=top_rate, n_gen=n_gen,
+    config = LanguagesConfig(n_per_lang=n_per_lang, n_random=n_random, top_rate=top_rate, n_gen=n_gen,
                              max_new_tokens=max_new_tokens, clamp_scale=clamp_scale, random_scope=scope,
                              batch_size=batch_size, seed=seed)
     if chosen is not None:
         config = dataclasses.replace(config, langs=tuple(chosen))
-    lm = load_model_cli(model, dtype, device, quiet=as_json)
-    with phase_progress(enabled=not as_json) as tick:
-        res = run_languages_study(lm, out, config, atlas=atlas, rows=rows, progress=tick)
-    langs_done = res["languages"]
-    summary = {"out": str(out), "report": str(out / "report.html"), "timings_s": res["timings_s"],
-               "forward_passes_this_run": res["forward_passes_this_run"],
-               "per_language": {k: {"neurons": res["selection"]["lape"]["counts"][k],
-                                    "ppl": res["ppl"]["baseline"][k], "own_ppl_change": res["ppl"]["change"][k][k],
-                                    "random_ppl_change": res["ppl"]["random"][k][k]["mean"],
-                                    "switch_rate": res["generation"]["deactivate"][k].get("switch_rate"),
-                                    "clamp_rate_other": res["generation"]["clamp"][k]["rate_other"]}
-                                for k in langs_done}}
-
-    def render(d: dict[str, object]) -> None:
-        table = Table("lang", "neurons", "PPL", "own PPL change", "random change", "switch rate", "clamp rate",
-                      title=f"language neurons: {d['report']} ({res['timings_s']['total']:.0f} s)")
-        for k, v in summary["per_language"].items():  # type: ignore[union-attr]
-            cells = [v["neurons"], v["ppl"], v["own_ppl_change"], v["random_ppl_change"], v["switch_rate"],
-                     v["clamp_rate_other"]]
-            table.add_row(k, *[("–" if c is None else f"{c:.3g}") for c in cells])
-        console.print(table)
-
-    emit(summary, as_json, render)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(auto_threads(threads))
+    try:
+        run_study_cli(config, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas, rows=rows)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def register(data_app: typer.Typer, study_app: typer.Typer) -> None:

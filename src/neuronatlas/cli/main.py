@@ -40,7 +40,6 @@ studies.register(study_app)
 languages_cli.register(data_app, study_app)
 web.register(app)
 decode_cli.register(app)
-decode_cli.register_study(study_app)
 explain_cli.register(app)
 
 

@@ -1,15 +1,40 @@
-"""``neuronatlas study relations``: the flagship relation-neuron study."""
+"""``neuronatlas study ...``: every study runs through :func:`run_study_cli` (load the model, run the
+study with one progress bar per phase, print its findings with their verdicts, or ``--json``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, progress_bar
+from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, phase_progress
 
-__all__ = ["register"]
+__all__ = ["register", "run_study_cli"]
+
+NRandomOpt = Annotated[int, typer.Option("--n-random", min=0, help="matched random neuron sets per condition")]
+
+
+def run_study_cli(config: Any, out: Path, *, model: str, dtype: str, device: str, as_json: bool,
+                  atlas: Optional[Path] = None, **inputs: Any) -> Any:
+    """The one CLI pattern: load, run with progress, print findings (or JSON); returns the result."""
+    from neuronatlas.studies import run
+
+    lm = load_model_cli(model, dtype, device, quiet=as_json)
+    with phase_progress(enabled=not as_json) as tick:
+        result = run(lm, config, out, atlas=atlas, progress=tick, **inputs)
+    summary = {"study": result.study, "out": str(out), "report": str(out / "report.html"),
+               "results": str(out / "results.json"), "seconds": result.results["timing"]["seconds"],
+               "findings": [f.to_json() for f in result.report.findings]}
+
+    def render(d: dict[str, Any]) -> None:
+        for f in result.report.findings:
+            mark = {True: "[green]holds[/green]", False: "[yellow]does not hold[/yellow]", None: "[dim]descriptive[/dim]"}
+            console.print(f"[bold]{f.title}[/bold] ({mark[f.holds]}): {f.text}")
+        console.print(f"\n[green]report:[/green] {d['report']}  ({d['seconds']:.0f} s)")
+
+    emit(summary, as_json, render)
+    return result
 
 
 def relations_study_cmd(
@@ -24,12 +49,12 @@ def relations_study_cmd(
     share_templates: Annotated[bool, typer.Option(help="let identification use the test template too")] = False,
     few_shot: Annotated[int, typer.Option(help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
     scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR) or lape (activation-probability entropy)")] = "ap",
-    select_fraction: Annotated[float, typer.Option(help="neurons selected per relation, as a fraction of all")] = 0.01,
-    select_n: Annotated[int, typer.Option(help="neurons selected per relation, as a count (overrides the fraction)")] = 0,
+    select_fraction: Annotated[float, typer.Option(min=0.0, help="neurons selected per relation, as a fraction of all")] = 0.01,
+    select_n: Annotated[int, typer.Option(min=0, help="neurons selected per relation, as a count (overrides the fraction)")] = 0,
     tails: Annotated[str, typer.Option(help="top, or both (also the n/2 most negatively tuned)")] = "top",
     mode: Annotated[str, typer.Option(help="deactivate to zero, or to the median positive response")] = "zero",
-    grid: Annotated[str, typer.Option(help="cumulativity fractions")] = "0.01,0.02,0.05,0.1,0.2,0.5,1.0",
-    seeds: Annotated[int, typer.Option(help="random-neuron baselines per condition")] = 3,
+    grid: Annotated[str, typer.Option(help="cumulativity fractions (1.0 is always added)")] = "0.05,0.1,0.25,0.5,1.0",
+    n_random: NRandomOpt = 20,
     max_identify_facts: int = 40, max_test_facts: int = 50, min_known: int = 5,
     site: Annotated[str, typer.Option(help="mlp or gate")] = "mlp",
     pool: Annotated[str, typer.Option(help="mean, last or max")] = "mean",
@@ -37,41 +62,60 @@ def relations_study_cmd(
     seed: int = 0,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
-    """Find relation-specific neurons and test cumulativity, versatility and interference."""
+    """Find relation-specific neurons and test cumulativity, specificity, interference and versatility."""
     from neuronatlas.errors import DatasetError
-    from neuronatlas.studies.relations import RelationStudyConfig, facts_languages, load_facts, run_relation_study
+    from neuronatlas.studies.relations import RelationStudyConfig, facts_languages, load_facts
 
     user_facts = load_facts(facts) if facts else None
     if langs:
         chosen = tuple(x.strip() for x in langs.split(",") if x.strip())
     else:
         chosen = facts_languages(user_facts) if user_facts else ("en", "de", "fr", "es")
+    for name, value, allowed in (("--scorer", scorer, ("ap", "smd", "lape")), ("--tails", tails, ("top", "both")),
+                                 ("--mode", mode, ("zero", "median")), ("--site", site, ("mlp", "gate")),
+                                 ("--pool", pool, ("mean", "last", "max"))):
+        if value not in allowed:
+            raise DatasetError(f"{name} {value!r} is not one of {', '.join(allowed)}")
     try:
-        cfg = RelationStudyConfig(
-            relations=tuple(relations.split(",")) if relations else None, langs=chosen, eval_lang=eval_lang,
-            test_template=test_template, share_templates=share_templates,
-            few_shot=few_shot, scorer=scorer, select_fraction=select_fraction, select_n=select_n or None,  # type: ignore[arg-type]
-            tails=tails, mode=mode, grid=tuple(float(g) for g in grid.split(",")), seeds=seeds,  # type: ignore[arg-type]
-            max_identify_facts=max_identify_facts, max_test_facts=max_test_facts, min_known=min_known,
-            site=site, pool=pool, seed=seed)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise DatasetError(f"bad study option: {exc}") from None
-    lm = load_model_cli(model, dtype, device, quiet=as_json)
+        fractions = tuple(float(g) for g in grid.split(","))
+    except ValueError:
+        raise DatasetError(f"--grid {grid!r} is not a comma-separated list of fractions such as 0.1,0.5,1.0") from None
+    cfg = RelationStudyConfig(
+        relations=tuple(relations.split(",")) if relations else None, langs=chosen, eval_lang=eval_lang,
+        test_template=test_template, share_templates=share_templates,
+        few_shot=few_shot, scorer=scorer, select_fraction=select_fraction, select_n=select_n or None,  # type: ignore[arg-type]
+        tails=tails, mode=mode, grid=fractions, n_random=n_random,  # type: ignore[arg-type]
+        max_identify_facts=max_identify_facts, max_test_facts=max_test_facts, min_known=min_known,
+        site=site, pool=pool, seed=seed)  # type: ignore[arg-type]
+    run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas, facts=user_facts)
 
-    def factory(description: str, total: int):  # type: ignore[no-untyped-def]
-        return progress_bar(description, total, enabled=not as_json)
 
-    res = run_relation_study(lm, out, cfg, facts=user_facts, atlas=atlas, progress=factory)
-    summary = {"out": str(out), "report": str(out / "report.html"), "results": str(out / "results.json"),
-               "findings": res["findings"], "seconds": res["timing"]["seconds"]}
+def clamp_study_cmd(
+    concept: Annotated[str, typer.Option(help="the concept word, e.g. dog")],
+    out: Annotated[Path, typer.Option(help="study output directory")],
+    model: ModelOpt = "default",
+    neurons: Annotated[int, typer.Option("--neurons", min=1, help="how many decoded neurons to clamp")] = 10,
+    value: Annotated[str, typer.Option(help="clamp value: a number (10) or a multiple of the recorded max (3xmax)")] = "3xmax",
+    n_random: NRandomOpt = 20,
+    side: Annotated[str, typer.Option(help="decoded side used to pick neurons: out_normed or out")] = "out_normed",
+    atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into and add selections to (default OUT/atlas)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    n_prompts: Annotated[int, typer.Option(min=1, help="how many of the built-in neutral prompts to use")] = 20,
+    n_texts: Annotated[int, typer.Option(min=2, help="corpus sentences per group (concept / other) for activations")] = 60,
+    layers: Annotated[str, typer.Option(help="restrict the search to layers, e.g. 10-29 (default all)")] = "",
+    seed: int = 0,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Find a concept's neurons by decoding, clamp them in generation, test against matched random neurons."""
+    from neuronatlas.cli.decode import _layers
+    from neuronatlas.studies.clamp import ClampConfig
 
-    def render(d: dict[str, object]) -> None:
-        for title, text in d["findings"].items():  # type: ignore[attr-defined]
-            console.print(f"[bold]{title}[/bold]: {text}")
-        console.print(f"\n[green]report:[/green] {d['report']}")
-
-    emit(summary, as_json, render)
+    config = ClampConfig(concept=concept, n_neurons=neurons, value=value, n_random=max(1, n_random), side=side,
+                         max_new_tokens=max_new_tokens, n_prompts=n_prompts, n_texts=n_texts,
+                         layers=tuple(_layers(layers) or ()), seed=seed)
+    run_study_cli(config, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)
 
 
 def register(study_app: typer.Typer) -> None:
+    study_app.command("clamp")(clamp_study_cmd)
     study_app.command("relations")(relations_study_cmd)

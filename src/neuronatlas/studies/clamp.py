@@ -1,84 +1,54 @@
 """Clamp study: find a concept's neurons by decoding their weights, clamp them, and check the effect.
+Written on :mod:`neuronatlas.studies.framework`, it is the template for new studies.
 
-1. Concept tokens: every vocabulary token that spells a variant of the word (`` dog``, ``Dogs``...).
-2. Selection: the ``n_neurons`` neurons whose decoded ``side`` (default ``out_normed``) ranks a
-   concept token highest (rank, then score), over all layers (or ``layers``).
-3. Texts: corpus sentences that mention the concept vs sentences that do not (the offline default
-   corpus of :mod:`neuronatlas.data.corpus`, English sources), recorded with
-   :func:`neuronatlas.record.record` for per-neuron maxima (``3xmax`` clamp values) and pooled
-   activations.
-4. Conditions, sharing batched forward passes: no intervention; the decoded neurons clamped; the
-   same number of random neurons from the same layers clamped (``seeds`` sets, same rule for values).
-   Measured: (i) the share of greedy continuations of neutral prompts that mention the concept,
-   (ii) the change in log p(concept tokens) at the last prompt position, (iii) whether the decoded
-   neurons are more active on concept texts (Cohen's d, Mann-Whitney U, and a permutation p-value
-   against ``n_permutations`` random layer-matched sets).
+1. ``select``: the ``n_neurons`` neurons whose decoded ``side`` (default ``out_normed``) ranks a
+   concept token (`` dog``, ``Dogs``...) highest; corpus sentences with and without the concept are
+   recorded for per-neuron maxima (``3xmax`` clamp values) and magnitude-matched random sets.
+2. ``conditions``: no intervention; the decoded neurons clamped; ``n_random`` random sets clamped by
+   the same rule, matched on layer and magnitude decile.
+3. ``measure``: the share of greedy continuations of neutral prompts that mention the concept, and
+   log p(concept tokens) at the next position.
+4. ``findings``: each arm against the random sets (empirical rank) and the unmodified model (exact
+   McNemar / sign-flip permutation); whether the decoded neurons are more active on concept texts.
 
-    >>> from neuronatlas.studies.clamp import ClampConfig, run_clamp_study
-    >>> results = run_clamp_study(lm, ClampConfig(concept="dog", n_neurons=10, value="3xmax"), "runs/dog",
-    ...                           atlas="my-atlas")      # also records into and writes selections to my-atlas
-    >>> results["generation"]["mention_rate"]["decoded"], results["findings"]
-
-Writes ``results.json`` (every number, provenance), ``*.png`` and ``report.html`` into the output
-directory; finished stages are kept in ``state.json`` so a rerun resumes.
+    >>> from neuronatlas.studies import run
+    >>> from neuronatlas.studies.clamp import ClampConfig
+    >>> result = run(lm, ClampConfig(concept="dog", n_neurons=10), "runs/dog", atlas="my-atlas")  # doctest: +SKIP
+    >>> result.findings["mention"]                                                                 # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
-import json
 import random
 import re
-import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from neuronatlas.data.prompts import PromptSet
-from neuronatlas.decode.core import (
-    fold_final_norm,
-    side_matrix,
-    token_ranks,
-    unembedding_matrix,
-)
-from neuronatlas.decode.find import (
-    concept_token_ids,
-    mention_pattern,
-    normalize_token,
-    word_forms,
-)
-from neuronatlas.ids import neuron_str
+from neuronatlas.decode.core import fold_final_norm, side_matrix, token_ranks, unembedding_matrix
+from neuronatlas.decode.find import concept_token_ids, mention_pattern, normalize_token, word_forms
 from neuronatlas.errors import DatasetError, InterventionError, SelectionError
 from neuronatlas.evaluate import generate, next_token_logprobs
+from neuronatlas.ids import neuron_str
 from neuronatlas.intervene import Clamp, NeuronSet
+from neuronatlas.intervene.interventions import Condition
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record import RecordConfig, record
-from neuronatlas.report import Section, Table, plots, write_report
-from neuronatlas.store.atlas import Atlas, write_json_atomic
-from neuronatlas.studies.common import (
-    StudyState,
-    mean_ci,
-    random_like,
-    replace_selections,
-    study_provenance,
+from neuronatlas.report import Finding, Section, Table, plots
+from neuronatlas.stats.inference import magnitude_bins
+from neuronatlas.studies import rules
+from neuronatlas.studies.common import random_like
+from neuronatlas.studies.framework import (
+    Arm, Context, Grid, Measured, Outcome, ProgressFn, Selection, Study, StudyConfig, StudyResult, register_study, run,
 )
 
-__all__ = [
-    "ENGLISH_SOURCES",
-    "NEUTRAL_PROMPTS",
-    "ClampConfig",
-    "concept_texts",
-    "parse_value",
-    "run_clamp_study",
-    "select_concept_neurons",
-    "write_selections",
-]
+__all__ = ["ENGLISH_SOURCES", "NEUTRAL_PROMPTS", "ClampConfig", "ClampStudy", "concept_texts", "parse_value",
+           "run_clamp_study", "select_concept_neurons"]
 
 NEUTRAL_PROMPTS = (
     "My favourite animal is", "Today I saw a", "The best thing about the weekend is", "Let me tell you about",
@@ -90,7 +60,6 @@ NEUTRAL_PROMPTS = (
 )
 ENGLISH_SOURCES = ("reviews", "plots", "speeches_2012", "speeches_2016", "debates_2016", "bible_en", "hamlet")
 _VALUE_RE = re.compile(r"^\s*(-?\d+(?:\.\d*)?(?:e-?\d+)?)\s*(xmax)?\s*$")
-ProgressFn = Callable[..., None]
 
 
 def parse_value(value: str) -> tuple[float, bool]:
@@ -103,28 +72,28 @@ def parse_value(value: str) -> tuple[float, bool]:
 
 
 @dataclass(frozen=True)
-class ClampConfig:
-    concept: str
+class ClampConfig(StudyConfig):
+    concept: str = ""
     n_neurons: int = 10
     value: str = "3xmax"
-    seeds: int = 3
     side: str = "out_normed"
     max_new_tokens: int = 24
     n_prompts: int = 20
     n_texts: int = 60
     layers: tuple[int, ...] = ()
-    seed: int = 0
     n_permutations: int = 1000
     batch_size: int = 16
     chunk: int = 512
     sources: tuple[str, ...] = ENGLISH_SOURCES
 
     def __post_init__(self) -> None:
+        if not self.concept.strip():
+            raise SelectionError("give the concept word, e.g. --concept dog")
         parse_value(self.value)
         if self.side not in ("out", "out_normed"):
             raise SelectionError(f"the clamp study selects on an output side; choose out_normed or out, not {self.side!r}")
-        if self.n_neurons < 1 or self.seeds < 1 or self.n_prompts < 1 or self.n_texts < 2:
-            raise SelectionError("--neurons, --seeds and --n-prompts must be >= 1 and --n-texts >= 2")
+        if self.n_neurons < 1 or self.n_random < 1 or self.n_prompts < 1 or self.n_texts < 2:
+            raise SelectionError("--neurons, --n-random and --n-prompts must be >= 1 and --n-texts >= 2")
         if self.n_prompts > len(NEUTRAL_PROMPTS):
             raise SelectionError(f"there are {len(NEUTRAL_PROMPTS)} built-in prompts; --n-prompts {self.n_prompts} is too many")
 
@@ -166,7 +135,7 @@ def concept_texts(concept: str, n_texts: int, seed: int = 0, sources: tuple[str,
 
 def select_concept_neurons(lm: LoadedModel, token_ids: dict[int, str], n: int, *, side: str = "out_normed",
                            layers: tuple[int, ...] = (), chunk: int = 512,
-                           progress: ProgressFn | None = None) -> dict[str, Any]:
+                           progress: Any = None) -> dict[str, Any]:
     """The ``n`` neurons whose decoding ranks one of ``token_ids`` highest (then by score)."""
     rank, score, which, info = token_ranks(lm, list(token_ids), side=side, layers=layers or None, chunk=chunk,
                                            progress=progress)
@@ -232,216 +201,118 @@ def _activation_analysis(pooled: np.ndarray, labels: np.ndarray, chosen: NeuronS
             if len(null) else [float("nan")] * 2, "permutation_p": p_perm, "n_permutations": len(null)}
 
 
-def write_selections(atlas: Atlas | str | Path, lm: LoadedModel, concept: str, neurons: list[dict[str, Any]],
-                     out_dir: Path, *, study: str = "clamp", method: str = "decode") -> Path:
-    """Replace the ``study``+``concept`` rows of ``selections.parquet`` with ``neurons`` (atomic write)."""
-    store = atlas if isinstance(atlas, Atlas) else Atlas.create(atlas, model=lm.provenance)
-    new = pa.table({"study": [study] * len(neurons), "concept": [concept] * len(neurons),
-                    "method": [method] * len(neurons), "site": ["mlp"] * len(neurons),
-                    "layer": pa.array([n["layer"] for n in neurons], pa.int64()),
-                    "neuron": pa.array([n["neuron"] for n in neurons], pa.int64()),
-                    "score": pa.array([n["score"] for n in neurons], pa.float64()),
-                    "rank": pa.array([n["selection_rank"] for n in neurons], pa.int64())})
-    path = replace_selections(store, new, study=study, concept=concept)
+@register_study
+class ClampStudy(Study[ClampConfig]):
+    """The framework's worked example: select by decoding, clamp, compare with matched random sets."""
 
-    def register(m: dict[str, Any]) -> None:
-        entry = m.setdefault("studies", {}).setdefault(study, {"kind": study, "concepts": []})
-        entry.update(kind=study, path=str(out_dir), created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-        entry["concepts"] = sorted(set(entry.get("concepts", [])) | {concept})
+    name = "clamp"
+    title = "Clamp study"
+    intro = ("Neurons chosen by reading their output weights through the unembedding are clamped during generation "
+             "and compared with random neurons matched on layer and activation magnitude.")
+    config_class = ClampConfig
+    replace_all_selections = False
 
-    store.update_manifest(register)
-    return path
+    def instance(self) -> str:
+        return "clamp-" + (re.sub(r"[^A-Za-z0-9_.-]", "_", self.config.concept)[:60] or "concept")
+
+    def select(self, ctx: Context[ClampConfig]) -> Selection:
+        cfg, lm = ctx.config, ctx.lm
+        tokens = concept_token_ids(lm.tokenizer, cfg.concept)
+        if not tokens:
+            raise SelectionError(f"no token of this tokenizer spells {cfg.concept!r} or a variant "
+                                 f"({', '.join(repr(v) for v in word_forms(cfg.concept)[:4])}...); choose a more common word")
+        found = ctx.cached("selection", lambda: select_concept_neurons(
+            lm, tokens, cfg.n_neurons, side=cfg.side, layers=cfg.layers, chunk=cfg.chunk,
+            progress=lambda done, total=None: ctx.tick("decode", done, total or 1)))
+        texts, info = concept_texts(cfg.concept, cfg.n_texts, cfg.seed, cfg.sources)
+        rec = record(lm, texts, ctx.store, name=self.instance(), progress=lambda d, t: ctx.tick("record", d, t),
+                     config=RecordConfig(pool="mean", top_k=1, batch_size=cfg.batch_size, max_length=64))
+        assert rec.pooled is not None
+        pooled = rec.pooled.astype(np.float32)
+        ctx.bins = magnitude_bins(np.abs(pooled).mean(axis=0))
+        ctx.data.update(tokens=tokens, found=found, texts=info, pooled=pooled, maxima=rec.moments.total().max[0].numpy(),
+                        labels=np.array([1 if p.label == "concept" else 0 for p in texts]),
+                        provenance={"texts_sha256": texts.content_hash, "corpus": info["licences"]})
+        sel = Selection("decode", "mlp")
+        sel.add(cfg.concept, [(n["layer"], n["neuron"]) for n in found["neurons"]], [n["score"] for n in found["neurons"]])
+        return sel
+
+    def conditions(self, ctx: Context[ClampConfig], selection: Selection) -> Grid:
+        multiple, relative = parse_value(ctx.config.value)
+        maxima = ctx.data["maxima"]
+
+        def clamp(ns: NeuronSet) -> Condition:
+            return (Clamp(ns, tuple(multiple * float(maxima[a, b]) if relative else multiple for a, b in ns.pairs)),)
+        grid = Grid(ctx)
+        grid.baseline("prompts")
+        grid.selected("clamp", selection.neurons(ctx.config.concept), clamp, "prompts", concept=ctx.config.concept)
+        return grid
+
+    def measure(self, ctx: Context[ClampConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, list[Any]]]:
+        cfg, prompts = ctx.config, list(NEUTRAL_PROMPTS[: ctx.config.n_prompts])
+        conds = [a.condition for a in arms]
+        gens = generate(ctx.lm, prompts, conditions=conds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+        logp = next_token_logprobs(ctx.lm, prompts, conditions=conds, batch_size=cfg.batch_size)
+        lp = torch.logsumexp(logp[:, :, sorted(ctx.data["tokens"])], dim=-1)
+        pattern = mention_pattern(cfg.concept)
+        return {a.key: {"mention": [int(bool(pattern.search(t))) for t in gens[k]], "logprob": lp[k].tolist(),
+                        "text": list(gens[k])} for k, a in enumerate(arms)}
+
+    def findings(self, ctx: Context[ClampConfig], selection: Selection, grid: Grid, measured: Measured) -> Outcome:
+        cfg, c = ctx.config, ctx.config.concept
+        mention = measured.compare("clamp", "mention", baseline="baseline|prompts", alternative="greater")
+        shift = measured.compare("clamp", "logprob", baseline="baseline|prompts", alternative="greater", binary=False)
+        found, info = ctx.data["found"], ctx.data["texts"]
+        f = [Finding("selection", "Neurons found by decoding",
+                     f"{len(found['neurons'])} neurons selected on side {found['side']}: concept-token ranks "
+                     f"{min(n['rank'] for n in found['neurons'])}-{max(n['rank'] for n in found['neurons'])}; "
+                     f"{found['neurons_with_concept_top1']} neurons in the searched layers have a {c!r} token as top-1.",
+                     rule="descriptive"),
+             rules.selected_vs_random("mention", "Clamping in generation", {c: mention}, alpha=cfg.alpha,
+                                      what=f"Clamping them to {cfg.value}", metric_name=f"the share of continuations "
+                                      f"mentioning {c!r}", unit="concept", direction="raise"),
+             rules.selected_vs_random("logprob", "Next-token probability", {c: shift}, alpha=cfg.alpha,
+                                      what=f"Clamping them to {cfg.value}", metric_name=f"log p({c!r} tokens)",
+                                      unit="concept", direction="raise", as_percent=False)]
+        act = None
+        if ctx.data["labels"].sum() >= 2:
+            act = _activation_analysis(ctx.data["pooled"], ctx.data["labels"], selection.neurons(c), ctx.lm.n_neurons, cfg)
+            holds = bool(act["permutation_p"] <= cfg.alpha and act["cohens_d"] > 0)
+            f.append(Finding("activation", "Weights vs activations",
+                             f"On {info['concept_texts']} corpus sentences mentioning {c!r} vs {info['other_texts']} others, "
+                             f"the decoded neurons' mean activation differs by Cohen's d = {act['cohens_d']:+.2f}; random "
+                             f"layer-matched sets reach d = {act['random_d_mean']:+.2f}, permutation p = "
+                             f"{act['permutation_p']:.3g}" + (" (the concept is rare in the corpus: a weak test)." if info["rare"] else "."),
+                             rule=f"permutation p over {act['n_permutations']} random layer-matched sets <= {cfg.alpha} and d > 0",
+                             holds=holds, numbers={"d": act["cohens_d"], "p": act["permutation_p"]}))
+        labels = ["baseline", "decoded clamp", "random clamp (mean)"]
+        plots.bars(ctx.out / "mention_rate.png", labels, {"mention rate": [mention.baseline, mention.selected, mention.random_mean]},
+                   title=f"Continuations mentioning {c!r}", ylabel="share of prompts")
+        plots.bars(ctx.out / "logprob_shift.png", ["decoded clamp", "random clamp (mean)"],
+                   {"shift": [shift.delta, shift.random_mean - shift.baseline]},
+                   title=f"Change in log p({c!r}) at the next token", ylabel="nats vs no clamp")
+        texts = {k: measured.values[k]["text"] for k in ("baseline|prompts", "clamp", "clamp|rand0") if k in measured.values}
+        sections = [
+            Section("Neurons found by decoding", "selection", tables=[Table(
+                ["neuron", "rank", "score", "token", "top tokens"],
+                [[n["id"], n["rank"], n["score"], repr(n["token"]), " ".join(repr(t) for t in n["top_tokens"])]
+                 for n in found["neurons"]])]),
+            Section("Clamping in generation", "mention", figures=["mention_rate.png"], tables=[Table(
+                ["prompt", "baseline", "decoded clamp", "random clamp (set 0)"],
+                [[p, *(texts[k][i] if k in texts else "" for k in ("baseline|prompts", "clamp", "clamp|rand0"))]
+                 for i, p in enumerate(NEUTRAL_PROMPTS[: cfg.n_prompts])])]),
+            Section("Next-token probability", "logprob", figures=["logprob_shift.png"]),
+            Section("Weights vs activations", "activation" if act else "", tables=[Table(
+                ["source", "sentences mentioning the concept"], sorted(info["concept_by_source"].items()))])]
+        setup = {"model": ctx.lm.provenance.get("model"), "concept": c, "neurons": cfg.n_neurons, "clamp value": cfg.value,
+                 "prompts": cfg.n_prompts, "max new tokens": cfg.max_new_tokens, "side": cfg.side}
+        numbers = {"concept_token_text": sorted({normalize_token(t) for t in ctx.data["tokens"].values()}),
+                   "decoded": found, "texts": info, "mention": mention.to_json(), "logprob": shift.to_json(),
+                   "activation": act, "generations": texts}
+        return Outcome(f, sections, numbers, setup, ["mention_rate.png", "logprob_shift.png"])
 
 
 def run_clamp_study(lm: LoadedModel, config: ClampConfig, out_dir: str | Path, *, atlas: str | Path | None = None,
-                    progress: ProgressFn | None = None) -> dict[str, Any]:
-    """Run the study (see the module docstring) and return everything written to ``results.json``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
-    steps = 6
-
-    stage_names = ["select", "texts_and_record", "generate", "logprobs", "activations", "report"]
-    timings: dict[str, float] = {}
-    mark = [time.perf_counter()]
-
-    def step(stage: int, frac: float = 0.0) -> None:
-        if frac == 0.0 and stage > 0:
-            timings[stage_names[stage - 1]] = round(time.perf_counter() - mark[0], 2)
-            mark[0] = time.perf_counter()
-        if progress:
-            progress(int(100 * (stage + frac) / steps), 100)
-
-    step(0)
-    tokens = concept_token_ids(lm.tokenizer, config.concept)
-    if not tokens:
-        raise SelectionError(f"no token of this tokenizer spells {config.concept!r} or a variant "
-                             f"({', '.join(repr(v) for v in word_forms(config.concept)[:4])}...); choose a more common word")
-    identity = lm.provenance.get("file_sha256") or lm.provenance.get("revision") or lm.name
-    fingerprint = hashlib.sha256(json.dumps({"model": identity, "dtype": str(lm.model.dtype), "config": asdict(config)},
-                                            sort_keys=True, default=str).encode()).hexdigest()[:16]
-    state = StudyState(out / "state.json", fingerprint)
-    selection = state.get("selection") or state.put("selection", select_concept_neurons(
-        lm, tokens, config.n_neurons, side=config.side, layers=config.layers, chunk=config.chunk,
-        progress=lambda done, total=None: step(0, done / max(1, total or 1))))
-    step(1)
-    texts, text_info = concept_texts(config.concept, config.n_texts, config.seed, config.sources)
-    store = Atlas.create(atlas if atlas is not None else out / "atlas", model=lm.provenance)
-    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", config.concept)[:60] or "concept"
-    rec = record(lm, texts, store, name=f"clamp-{slug}",
-                 config=RecordConfig(pool="mean", top_k=1, batch_size=config.batch_size, max_length=64))
-    maxima = rec.moments.total().max[0].numpy()                                # (layers, neurons)
-    step(2)
-
-    chosen = NeuronSet.of((n["layer"], n["neuron"]) for n in selection["neurons"])
-    controls = [random_like(chosen, lm.n_neurons, seed=config.seed + s) for s in range(config.seeds)]
-    multiple, relative = parse_value(config.value)
-    clamp_main, values_main = _clamp(chosen, multiple, relative, maxima)
-    clamps = [clamp_main] + [_clamp(ns, multiple, relative, maxima)[0] for ns in controls]
-    conditions = [()] + [(c,) for c in clamps]
-    names = ["baseline", "decoded"] + [f"random{s}" for s in range(config.seeds)]
-    prompts = list(NEUTRAL_PROMPTS[: config.n_prompts])
-
-    gens = state.get("generations") or state.put("generations", generate(
-        lm, prompts, conditions=conditions, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size))
-    step(3)
-    pattern = mention_pattern(config.concept)
-    mentions = np.array([[bool(pattern.search(t)) for t in row] for row in gens], dtype=float)   # (C, P)
-    ids = sorted(tokens)
-    lp = state.get("concept_logprob")
-    if lp is None:
-        logp = next_token_logprobs(lm, prompts, conditions=conditions, batch_size=config.batch_size)
-        lp = state.put("concept_logprob", torch.logsumexp(logp[:, :, ids], dim=-1).tolist())
-    concept_lp = np.array(lp)                                                   # (C, P)
-    shift = concept_lp[1:] - concept_lp[0]
-    step(4)
-
-    labels = np.array([1 if p.label == "concept" else 0 for p in texts])
-    pooled = rec.pooled.astype(np.float32) if rec.pooled is not None else None
-    activation = (_activation_analysis(pooled, labels, chosen, lm.n_neurons, config)
-                  if pooled is not None and labels.sum() >= 2 else None)
-    random_d = ([_set_scores(pooled, labels, list(ns.pairs))[0] for ns in controls]
-                if pooled is not None and activation is not None else [])
-    step(5)
-
-    from scipy import stats
-
-    rand_mentions = mentions[2:]
-    random_rates = rand_mentions.mean(axis=1)
-    fisher_p = float(stats.fisher_exact([[int(mentions[1].sum()), int(len(prompts) - mentions[1].sum())],
-                                         [int(rand_mentions.sum()), int(rand_mentions.size - rand_mentions.sum())]],
-                                        alternative="greater")[1])
-    diff = shift[0] - shift[1:].mean(axis=0)
-    wilcoxon_p = float(stats.wilcoxon(diff, alternative="greater").pvalue) if len(diff) > 1 and np.any(diff != 0) else float("nan")
-    results: dict[str, Any] = {
-        "config": asdict(config), "concept_tokens": {str(i): t for i, t in tokens.items()},
-        "concept_token_text": sorted({normalize_token(t) for t in tokens.values()}),
-        "selection": selection, "clamp_values": {"decoded": values_main,
-                                                 **{f"random{s}": list(_clamp(ns, multiple, relative, maxima)[1])
-                                                    for s, ns in enumerate(controls)}},
-        "controls": [[list(p) for p in ns.pairs] for ns in controls],
-        "prompts": prompts, "conditions": names,
-        "generations": {name: gens[c] for c, name in enumerate(names)},
-        "generation": {"mention_rate": {"baseline": mean_ci(mentions[0]), "decoded": mean_ci(mentions[1]),
-                                        "random": mean_ci(random_rates), "random_per_seed": random_rates.tolist()},
-                       "fisher_p_decoded_vs_random": fisher_p},
-        "logprob": {"concept_logprob": {name: concept_lp[c].tolist() for c, name in enumerate(names)},
-                    "shift_decoded": mean_ci(shift[0]), "shift_random": mean_ci(shift[1:].mean(axis=1)),
-                    "shift_random_per_seed": shift[1:].mean(axis=1).tolist(),
-                    "wilcoxon_p_decoded_vs_random": wilcoxon_p},
-        "texts": text_info, "activation": activation, "random_sets_d": random_d,
-        "record": {"atlas": str(store.path), "name": rec.name},
-    }
-    results["findings"] = _findings(results, config)
-    results["seconds"] = round(time.perf_counter() - t_start, 2)
-    results["timings"] = timings              # seconds per stage; stages reused from state.json take ~0
-    results["provenance"] = study_provenance(lm, seed=config.seed, dataset_sha256=texts.content_hash,
-                                             extra={"prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-                                                    "fingerprint": fingerprint})
-    _write_outputs(out, results, config)
-    if atlas is not None:
-        write_selections(store, lm, config.concept, selection["neurons"], out)
-    step(6)
-    return results
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%" if np.isfinite(x) else "n/a"
-
-
-def _findings(r: dict[str, Any], config: ClampConfig) -> list[str]:
-    c = config.concept
-    sel = r["selection"]
-    ranks = [n["rank"] for n in sel["neurons"]]
-    mr = r["generation"]["mention_rate"]
-    lp = r["logprob"]
-    out = [(f"{len(ranks)} neurons selected on side {sel['side']}: best concept-token ranks {min(ranks)}-{max(ranks)} "
-            f"(layers {', '.join(str(x) for x in sorted({n['layer'] for n in sel['neurons']}))}); "
-            f"{sel['neurons_with_concept_top1']} neurons in the searched layers have a {c!r} token as top-1."),
-           (f"Clamping them to {config.value} made {_pct(mr['decoded'][0])} of {len(r['prompts'])} continuations "
-            f"mention {c!r} (baseline {_pct(mr['baseline'][0])}; {config.seeds} random layer-matched sets "
-            f"{_pct(mr['random'][0])}, 95% CI {_pct(mr['random'][1])}-{_pct(mr['random'][2])}); one-sided Fisher "
-            f"p = {r['generation']['fisher_p_decoded_vs_random']:.3g}."),
-           (f"log p({c!r} tokens) at the next position changed by {lp['shift_decoded'][0]:+.2f} nats "
-            f"(95% CI {lp['shift_decoded'][1]:+.2f} to {lp['shift_decoded'][2]:+.2f}) vs {lp['shift_random'][0]:+.2f} "
-            f"(95% CI {lp['shift_random'][1]:+.2f} to {lp['shift_random'][2]:+.2f}) for random sets; one-sided "
-            f"Wilcoxon p = {lp['wilcoxon_p_decoded_vs_random']:.3g}.")]
-    t = r["texts"]
-    if r["activation"] is None:
-        out.append(f"The default corpus has {t['sentences_with_concept']} sentences mentioning {c!r}: too few to "
-                   "compare activations.")
-    else:
-        a = r["activation"]
-        note = (f" The concept is rare in the corpus ({t['sentences_with_concept']} sentences), so this test is weak."
-                if t["rare"] else "")
-        out.append(f"On {t['concept_texts']} corpus sentences mentioning {c!r} vs {t['other_texts']} others, the decoded "
-                   f"neurons' mean activation differs by Cohen's d = {a['cohens_d']:+.2f} (Mann-Whitney p = "
-                   f"{a['mannwhitney_p']:.3g}); random layer-matched sets reach d = {a['random_d_mean']:+.2f} "
-                   f"(95% range {a['random_d_95'][0]:+.2f} to {a['random_d_95'][1]:+.2f}), permutation p = "
-                   f"{a['permutation_p']:.3g}.{note}")
-    return out
-
-
-def _write_outputs(out: Path, r: dict[str, Any], config: ClampConfig) -> None:
-    write_json_atomic(out / "results.json", r)
-    mr, lp = r["generation"]["mention_rate"], r["logprob"]
-    half = lambda ci: max(0.0, (ci[2] - ci[1]) / 2) if np.isfinite(ci[1]) else 0.0
-    labels = ["baseline", "decoded clamp", "random clamp"]
-    plots.bars(out / "mention_rate.png", labels, {"mention rate": [mr["baseline"][0], mr["decoded"][0], mr["random"][0]]},
-               errors={"mention rate": [half(mr["baseline"]), half(mr["decoded"]), half(mr["random"])]},
-               title=f"Continuations mentioning {config.concept!r}", ylabel="share of prompts")
-    plots.bars(out / "logprob_shift.png", ["decoded clamp", "random clamp"],
-               {"shift": [lp["shift_decoded"][0], lp["shift_random"][0]]},
-               errors={"shift": [half(lp["shift_decoded"]), half(lp["shift_random"])]},
-               title=f"Change in log p({config.concept!r}) at the next token", ylabel="nats vs no clamp")
-    figures_act: list[str] = []
-    if r["activation"] is not None:
-        a = r["activation"]
-        names = list(a["per_neuron_d"]) + ["set (decoded)", "set (random mean)"]
-        plots.bars(out / "activation_d.png", names,
-                   {"Cohen's d": list(a["per_neuron_d"].values()) + [a["cohens_d"], a["random_d_mean"]]},
-                   title=f"Activation on texts about {config.concept!r} vs other texts", ylabel="Cohen's d")
-        figures_act = ["activation_d.png"]
-    sel = r["selection"]["neurons"]
-    findings = r["findings"]
-    values = r["clamp_values"]["decoded"]
-    sections = [
-        Section("Neurons found by decoding", findings[0], tables=[Table(
-            ["neuron", "rank", "score", "token", "top tokens", "clamp value"],
-            [[n["id"], n["rank"], n["score"], repr(n["token"]), " ".join(repr(t) for t in n["top_tokens"]), v]
-             for n, v in zip(sel, values)])]),
-        Section("Clamping during generation", findings[1], figures=["mention_rate.png"], tables=[Table(
-            ["prompt", "baseline", "decoded clamp", "random clamp (seed 0)"],
-            [[p, r["generations"]["baseline"][i], r["generations"]["decoded"][i], r["generations"]["random0"][i]]
-             for i, p in enumerate(r["prompts"])])]),
-        Section("Next-token probability of the concept", findings[2], figures=["logprob_shift.png"]),
-        Section("Weights vs activations", findings[3], figures=figures_act, tables=[Table(
-            ["source", "sentences mentioning the concept"], sorted(r["texts"]["concept_by_source"].items()))]),
-    ]
-    setup = {"model": r["provenance"]["model"].get("model"), "concept": config.concept,
-             "concept tokens": ", ".join(repr(t) for t in r["concept_token_text"]), "neurons": config.n_neurons,
-             "clamp value": config.value, "random seeds": config.seeds, "prompts": len(r["prompts"]),
-             "max new tokens": config.max_new_tokens, "side": config.side, "seconds": r["seconds"]}
-    write_report(out / "report.html", title=f"Clamp study: {config.concept!r}", setup=setup, sections=sections,
-                 intro="Neurons chosen by reading their output weights through the unembedding are clamped during "
-                       "generation and compared with random neurons from the same layers.")
+                    progress: ProgressFn | None = None) -> StudyResult:
+    """``run(lm, config, out_dir)``: kept for callers of the earlier script."""
+    return run(lm, config, out_dir, atlas=atlas, progress=progress)

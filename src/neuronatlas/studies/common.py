@@ -107,6 +107,11 @@ class StudyState:
         write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data})
         return value
 
+    def update(self, values: dict[str, Any]) -> None:
+        """Store several keys with one atomic rewrite."""
+        self.data.update(values)
+        write_json_atomic(self.path, {"fingerprint": self.fingerprint, "data": self.data})
+
     def __contains__(self, key: str) -> bool:
         return key in self.data
 
@@ -131,17 +136,20 @@ def study_provenance(lm: Any, *, seed: int, dataset_sha256: str, extra: dict[str
     }
 
 
-def replace_selections(store: Atlas, new: pa.Table, *, study: str, concept: str | None = None) -> Path:
+def replace_selections(store: Atlas, new: pa.Table, *, study: str, concept: str | None = None,
+                       concepts: Sequence[str] | None = None) -> Path:
     """Write ``new`` into the atlas's ``selections.parquet`` in place of the rows of ``study`` (only
-    its ``concept`` rows when given); other studies' rows are kept, cast to the stored schema when
-    they fit. Atomic, like every atlas write."""
+    its ``concept`` / ``concepts`` rows when given); other studies' rows are kept, cast to the stored
+    schema when they fit. Atomic, like every atlas write."""
+    if concept is not None:
+        concepts = [concept]
     table = new
     if store.has("selections.parquet"):
         old = store.read_table("selections.parquet")
         if "study" in old.column_names:
             drop = pc.equal(old["study"], study)
-            if concept is not None:
-                drop = pc.and_(drop, pc.equal(old["concept"], concept))
+            if concepts is not None:
+                drop = pc.and_(drop, pc.is_in(old["concept"], value_set=pa.array(list(concepts), pa.string())))
             old = old.filter(pc.invert(pc.fill_null(drop, False)))
         if old.num_rows:
             try:

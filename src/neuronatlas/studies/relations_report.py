@@ -1,371 +1,271 @@
-"""Turn the relation study's raw per-fact results into tables, tests, findings, plots and HTML.
+"""The relation study's tests, tables, findings and plots, computed from the measured arms.
 
-Called by :func:`neuronatlas.studies.relations.run_relation_study`; kept apart so the numbers can be
-recomputed from a ``results.json`` without a model (``summarise(results)``).
+Called by :class:`neuronatlas.studies.relations.RelationStudy`; every sentence comes from a rule of
+:mod:`neuronatlas.studies.rules` (or one defined here, with its test stated in ``rule``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from pathlib import Path
+import warnings
 from typing import Any
 
 import numpy as np
 
-from neuronatlas.intervene import NeuronSet
-from neuronatlas.report import Section, Table, write_report
 from neuronatlas.report import plots
-from neuronatlas.store.atlas import atomic_path, write_json_atomic
-from neuronatlas.stats.inference import (
-    benjamini_hochberg, dose_response, empirical_p, mcnemar_exact, paired_permutation, random_interval,
-)
+from neuronatlas.report.model import Finding, Section, Table
+from neuronatlas.stats.inference import benjamini_hochberg, dose_response, paired_permutation
+from neuronatlas.studies import rules
 from neuronatlas.studies.common import jaccard
+from neuronatlas.studies.framework import Context, Grid, Measured, Outcome, Selection
 
-__all__ = ["summarise", "write_outputs", "HEADLINE", "ALPHA"]
+__all__ = ["relation_outcome", "overlap_p"]
 
-HEADLINE = "exact"   # a fact counts as recalled when greedy decoding yields the whole object
-ALPHA = 0.05         # every finding's significance level
-
-
-def _acc(entry: Mapping[str, list], mask: np.ndarray | None = None, key: str = "correct") -> float:
-    """Mean of ``key`` over the facts in ``mask`` (a mask over all test facts; entries evaluated on a
-    subset carry the subset's indices in ``idx``)."""
-    v = np.asarray(entry[key], dtype=float)
-    if mask is not None:
-        idx = entry.get("idx")
-        v = v[np.asarray(mask)[idx]] if idx is not None and len(idx) == len(v) else v[mask]
-    return float(v.mean()) if v.size else math.nan
+H = "exact"     # the headline metric (whole object, greedy)
 
 
-def _vals(entry: Mapping[str, list], mask: np.ndarray | None, key: str) -> np.ndarray:
-    """The per-fact values of ``key`` restricted to the facts in ``mask`` (over all test facts)."""
-    v = np.asarray(entry[key], dtype=float)
-    if mask is None:
-        return v
-    idx = entry.get("idx")
-    return v[np.asarray(mask)[idx]] if idx is not None and len(idx) == len(v) else v[np.asarray(mask)]
+def overlap_p(a: set[Any], b: set[Any], population: int) -> float:
+    """One-sided hypergeometric p of an intersection at least as large as ``|a & b|`` when ``b``'s
+    members were drawn at random from ``population`` items."""
+    from scipy import stats
+
+    k, na, nb = len(a & b), len(a), len(b)
+    return float(stats.hypergeom.sf(k - 1, population, na, nb)) if na and nb else math.nan
 
 
-def _cum_keys(r: str, frac: float, grid_n: int, full_n: int, seeds: int) -> tuple[str, list[str]]:
-    if grid_n >= full_n:
-        return f"deact:{r}", [f"rand:{r}:{s}" for s in range(seeds)]
-    return f"cum:{frac}", [f"cumrand:{frac}:{s}" for s in range(seeds)]
-
-
-def summarise(results: dict[str, Any]) -> dict[str, Any]:
-    """Compute every table of the report from ``results['baseline']`` and ``results['raw']``."""
-    import warnings
-
+def relation_outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outcome:
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)  # empty slices (no known facts) give NaN, shown as '–'
-        return _summarise(results)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _outcome(ctx, sel, grid, m)
 
 
-def _summarise(results: dict[str, Any]) -> dict[str, Any]:
-    cfg = results["config"]
-    seeds = int(cfg["seeds"])
-    base, raw = results["baseline"], results["raw"]
-    rels = results["evaluated_relations"]
-    n_sel = {c: len(p) for c, p in results["selected"].items()}
-    known = {r: np.asarray(base[r][HEADLINE], dtype=bool) for r in base}
-    cum_mask = {r: known[r] if cfg.get("cumulativity_on", "known") == "known" else np.ones_like(known[r]) for r in base}
+def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outcome:
+    cfg, alpha = ctx.config, ctx.config.alpha
+    test, known, rels = ctx.data["test"], ctx.data.get("known", {}), ctx.data.get("evaluated", [])
+    L = ctx.lm.n_layers
+    base = {r: f"baseline|{r}" for r in test}
 
-    baseline_table = {r: {"facts": len(base[r]["correct"]), "first_token_acc": _acc(base[r]),
-                          "exact_acc": _acc(base[r], key="exact"), "mean_logprob": _acc(base[r], key="logprob"),
-                          "known": int(known[r].sum()), "evaluated": r in rels} for r in sorted(base)}
+    baseline_table = {r: {"facts": len(test[r]), "exact_acc": m.mean(base[r], "exact"),
+                          "first_token_acc": m.mean(base[r], "first"), "mean_logprob": m.mean(base[r], "logprob"),
+                          "known": len(known.get(r, [])), "evaluated": r in rels} for r in sorted(test)}
 
-    metric = HEADLINE  # known facts and every accuracy below: the whole object greedy (see docs/relations.md)
-    cumulativity: dict[str, Any] = {}
-    trends: dict[str, Any] = {}
+    # own effect: the relation's neurons vs its matched random sets, on its known facts
+    own = {r: m.compare(f"deact:{r}@{r}", H, baseline=base[r], subset=known[r], alternative="less") for r in rels}
+    own_all = {r: m.compare(f"deact:{r}@{r}", H, baseline=base[r], alternative="less") for r in rels}
+
+    # cumulativity: the dose-response grid on known facts
+    cumulativity: dict[str, list[dict[str, Any]]] = {}
+    trends: dict[str, dict[str, Any]] = {}
     for r in rels:
-        rows, per_item, rand_curves = [], [], [[] for _ in range(seeds)]
-        for frac in cfg["grid"]:
-            n = max(1, math.ceil(frac * n_sel[r]))
-            sel_key, rand_keys = _cum_keys(r, frac, n, n_sel[r], seeds)
-            sel_raw = raw[r].get(sel_key) or raw[r][f"cum:{frac}"]
-            mask = cum_mask[r]
-            sel_vals = _vals(sel_raw, mask, metric)
-            acc_sel = float(sel_vals.mean()) if sel_vals.size else math.nan
-            per_item.append(sel_vals)
-            rand_accs = [_acc(raw[r][k], mask, metric) for k in rand_keys if k in raw[r]]
-            for s_i, a in enumerate(rand_accs):
-                rand_curves[s_i].append(a)
-            m, lo, hi = random_interval(rand_accs)
-            diff = _vals(sel_raw, mask, "logprob") - _vals(base[r], mask, "logprob")
-            rows.append({"fraction": frac, "n_neurons": n, "acc_selected": acc_sel, "acc_random": m,
-                         "acc_random_lo": lo, "acc_random_hi": hi, "n_random_sets": len(rand_accs),
-                         "p_vs_random": empirical_p(acc_sel, rand_accs, "less"),
-                         "delta_logprob_selected": float(diff.mean()) if diff.size else math.nan})
+        size, rows, per_item = len(sel.ranked[r]), [], []
+        rand_curves: list[list[float]] = [[] for _ in range(cfg.n_random)]
+        for frac in cfg.grid:
+            n = max(1, math.ceil(frac * size))
+            key = f"cum:{r}:{frac}" if n < size else f"deact:{r}@{r}"
+            c = m.compare(key, H, baseline=base[r], subset=known[r], alternative="less")
+            per_item.append(m.on(key, H, known[r]))
+            for s, arm in enumerate(grid.randoms(key)):
+                rand_curves[s].append(float(m.on(arm.key, H, known[r]).mean()))
+            rows.append({"fraction": frac, "n_neurons": n, "acc_selected": c.selected, "acc_random": c.random_mean,
+                         "acc_random_lo": c.random_lo, "acc_random_hi": c.random_hi, "p_vs_random": c.p_vs_random,
+                         "p_vs_unmodified": c.p_vs_unmodified,
+                         "delta_logprob": float((m.on(key, "logprob", known[r]) -
+                                                 m.on(base[r], "logprob", known[r])).mean())})
         cumulativity[r] = rows
-        same_items = len({len(v) for v in per_item}) == 1 and per_item[0].size > 0
-        dr = dose_response(cfg["grid"], [row["acc_selected"] for row in rows],
-                           [c for c in rand_curves if len(c) == len(rows)],
-                           per_item=np.stack(per_item) if same_items else None, seed=int(cfg.get("seed", 0)))
+        dr = dose_response(cfg.grid, [row["acc_selected"] for row in rows],
+                           [c for c in rand_curves if len(c) == len(rows)], per_item=np.stack(per_item), seed=cfg.seed)
         trends[r] = {"slope": dr.slope, "spearman": dr.spearman, "p_trend": dr.p_trend,
-                     "p_slope_vs_random": dr.p_vs_random, "random_slopes": list(dr.random_slopes),
-                     "monotone": dr.monotone, "rising_steps": [cfg["grid"][k + 1] for k in dr.rising_steps]}
+                     "p_slope_vs_random": dr.p_vs_random, "monotone": dr.monotone,
+                     "rising_steps": [cfg.grid[k + 1] for k in dr.rising_steps]}
 
-    n_rel = len(rels)
-    cross = np.full((n_rel, n_rel), math.nan)
-    cross_known = np.full((n_rel, n_rel), math.nan)
-    cross_rand = np.full((n_rel, n_rel), math.nan)
-    p_mcnemar = np.full((n_rel, n_rel), math.nan)
-    p_logprob = np.full((n_rel, n_rel), math.nan)
-    p_random = np.full((n_rel, n_rel), math.nan)
+    # cross-deactivation and interference, against the unmodified model (paired on facts)
+    n = len(rels)
+    cross = np.full((n, n), math.nan)
+    pairs: list[dict[str, Any]] = []
     for i, r in enumerate(rels):
         for j, r2 in enumerate(rels):
-            entry = raw[r2].get(f"deact:{r}")
-            if entry is None:
+            key = f"deact:{r}@{r2}"
+            cross[i, j] = m.mean(key, H) - m.mean(base[r2], H)
+            if i == j:
                 continue
-            before, after = _vals(base[r2], None, metric), _vals(entry, None, metric)
-            cross[i, j] = float(after.mean() - before.mean())
-            cross_known[i, j] = _acc(entry, known[r2], metric)
-            rand = [raw[r2][f"rand:{r}:{s}"] for s in range(seeds) if f"rand:{r}:{s}" in raw[r2]]
-            rand_deltas = [_acc(e, None, metric) - float(before.mean()) for e in rand]
-            cross_rand[i, j] = float(np.mean(rand_deltas)) if rand_deltas else math.nan
-            if i != j:
-                # interference: against the unmodified model, paired on facts
-                p_mcnemar[i, j] = mcnemar_exact(before, after, "greater")
-                p_logprob[i, j] = paired_permutation(_vals(entry, None, "logprob"), _vals(base[r2], None, "logprob"),
-                                                     alternative="greater", seed=int(cfg.get("seed", 0)))
-                p_random[i, j] = empirical_p(cross[i, j], rand_deltas, "greater") if rand_deltas else math.nan
-    off = ~np.eye(n_rel, dtype=bool)
-    q_mask = np.zeros((n_rel, n_rel), dtype=bool)
-    if off.any():
-        q_mask[off] = benjamini_hochberg(p_mcnemar[off], 0.05)
-    pairs = []
-    for i in range(n_rel):
-        for j in range(n_rel):
-            if i == j or not np.isfinite(cross[i, j]):
-                continue
-            pairs.append({"deactivated": rels[i], "evaluated": rels[j], "delta_acc": float(cross[i, j]),
-                          "delta_acc_random": float(cross_rand[i, j]), "p_mcnemar": float(p_mcnemar[i, j]),
-                          "p_logprob": float(p_logprob[i, j]), "p_vs_random": float(p_random[i, j]),
-                          "significant_fdr05": bool(q_mask[i, j] and cross[i, j] > 0)})
-    interference = [d for d in pairs if d["delta_acc"] > 0]
-    interference.sort(key=lambda d: (-d["significant_fdr05"], d["p_mcnemar"], -d["delta_acc"]))
+            c = m.compare(key, H, baseline=base[r2], alternative="greater")
+            p_lp = paired_permutation(m.get(key, "logprob"), m.get(base[r2], "logprob"), alternative="greater",
+                                      seed=cfg.seed)
+            pairs.append({"deactivated": r, "evaluated": r2, "delta_acc": c.delta, "p_mcnemar": c.p_vs_unmodified,
+                          "p_logprob": p_lp, "delta_acc_random": c.random_mean - c.baseline if c.n_random else None,
+                          "p_vs_random": c.p_vs_random if c.n_random else None})
+    q_ok = benjamini_hochberg([d["p_mcnemar"] for d in pairs], alpha) if pairs else []
+    for d, ok in zip(pairs, q_ok):
+        d["interference"] = bool(ok and d["delta_acc"] > 0)
+    # specificity: own effect more negative than the mean effect of the same neurons on other relations
+    spec_rows = [(r, cross[i, i], float(np.nanmean(np.delete(cross[i], i)))) for i, r in enumerate(rels) if n > 1]
+    spec_p = _wilcoxon_less([a - b for _, a, b in spec_rows])
 
-    concepts = sorted(results["selected"])
-    sets = {c: NeuronSet.of([tuple(p) for p in results["selected"][c]]) for c in concepts}
+    # versatility: overlap of neuron sets (hypergeometric test per pair) and across languages
+    concepts = sel.concepts
+    sets = {c: set(sel.neurons(c).pairs) for c in concepts}
+    total = L * ctx.lm.n_neurons
     overlap = np.array([[jaccard(sets[a], sets[b]) for b in concepts] for a in concepts])
+    ov_pairs = [(a, b, overlap_p(sets[a], sets[b], total)) for k, a in enumerate(concepts) for b in concepts[k + 1:]]
+    ov_ok = benjamini_hochberg([p for _, _, p in ov_pairs], alpha) if ov_pairs else []
     crossling = []
     for r in rels:
         for c in concepts:
             if c.startswith(f"{r}@"):
-                entry = raw[r].get(f"deact:{c}")
-                rand = [_acc(raw[r][f"rand:{r}:{s}"], known[r], metric) for s in range(seeds) if f"rand:{r}:{s}" in raw[r]]
+                cmp = m.compare(f"deact:{c}@{r}", H, baseline=base[r], subset=known[r], alternative="less")
                 crossling.append({"relation": r, "neurons_from": c, "jaccard_with_en": jaccard(sets[r], sets[c]),
-                                  "acc_en_known": _acc(entry, known[r], metric) if entry else math.nan,
-                                  "acc_en_known_own": _acc(raw[r][f"deact:{r}"], known[r], metric),
-                                  "acc_en_known_random": float(np.mean(rand)) if rand else math.nan})
-    L = int(results["n_layers"])
-    layers = {c: np.bincount([p[0] for p in results["selected"][c]], minlength=L).tolist() for c in concepts}
-    middle = {c: float(sum(layers[c][L // 3: 2 * L // 3]) / max(1, sum(layers[c]))) for c in concepts}
-    return {"metric": metric, "baseline_table": baseline_table, "cumulativity": cumulativity, "trend": trends,
-            "cross_deactivation": {
-        "relations": rels, "delta_acc_all": cross.tolist(), "acc_known": cross_known.tolist(),
-        "delta_acc_random": cross_rand.tolist(), "p_mcnemar": p_mcnemar.tolist(), "p_logprob": p_logprob.tolist(),
-        "p_vs_random": p_random.tolist()},
-        "interference": interference, "interference_tested": len(pairs), "overlap": {"concepts": concepts, "jaccard": overlap.tolist()},
-        "cross_lingual": crossling, "layers": layers, "middle_third_fraction": middle}
+                                  "acc_known": cmp.selected, "acc_known_own": own[r].selected,
+                                  "acc_known_random": own[r].random_mean, "p_vs_unmodified": cmp.p_vs_unmodified})
+    cl_ok = benjamini_hochberg([c["p_vs_unmodified"] for c in crossling], alpha) if crossling else []
+    layers = {c: np.bincount([p[0] for p in sets[c]], minlength=L).tolist() for c in concepts}
 
+    # --- findings -------------------------------------------------------------------------------------------
+    bt = baseline_table
+    f: list[Finding] = [Finding(
+        "baseline", "Baseline recall",
+        f"With {'%d-shot prompts' % cfg.few_shot if cfg.few_shot else 'zero-shot templates'}, greedy decoding yields the "
+        f"whole object for {rules.pct(np.mean([v['exact_acc'] for v in bt.values()]))} of held-out facts on average "
+        f"(first token: {rules.pct(np.mean([v['first_token_acc'] for v in bt.values()]))}); {len(rels)} of {len(bt)} "
+        f"relations have at least {cfg.min_known} known facts and are evaluated.",
+        rule=f"known fact: the whole object generated greedily (normalised exact match); a relation is evaluated "
+             f"with >= {cfg.min_known} known facts", numbers={"evaluated": rels})]
+    f.append(rules.selected_vs_random("own_effect", "Deactivating a relation's neurons", own, alpha=alpha,
+                                      what=f"Deactivating all {ctx.data['n_select']} selected neurons of a relation",
+                                      metric_name="recall of its known facts", unit="relation"))
+    if trends:
+        f.append(rules.dose_response_finding("cumulativity", "Cumulativity", trends, alpha=alpha,
+                                             on="recall of known facts"))
+    if spec_rows:
+        holds = bool(math.isfinite(spec_p) and spec_p < alpha)
+        f.append(Finding(
+            "specificity", "Specificity",
+            f"Deactivating a relation's own neurons changes its accuracy by {np.nanmean([a for _, a, _ in spec_rows]):+.0%} "
+            f"on average (all held-out facts), other relations' by {np.nanmean([b for _, _, b in spec_rows]):+.0%}; "
+            f"one-sided Wilcoxon signed-rank over {len(spec_rows)} relations p = {rules.num(spec_p, '.2g')}: the effect "
+            f"is {'' if holds else 'not shown to be '}larger on the relation itself.",
+            rule=f"own change minus mean change on other relations < 0, Wilcoxon signed-rank over relations, p < {alpha}",
+            holds=holds, numbers={"p": spec_p}))
+    f.append(rules.interference("interference", "Interference", pairs, alpha=alpha))
+    if ov_pairs:
+        sig = [f"{a}/{b}" for (a, b, _), ok in zip(ov_pairs, ov_ok) if ok]
+        off = overlap[~np.eye(len(concepts), dtype=bool)]
+        f.append(Finding(
+            "overlap", "Versatility: overlap",
+            f"Neuron sets overlap by a mean Jaccard index of {np.nanmean(off):.3f}; {len(sig)} of {len(ov_pairs)} pairs of "
+            f"sets share more neurons than random sets of the same sizes would (hypergeometric test, BH q < {alpha}).",
+            rule=f"per pair: one-sided hypergeometric p of the intersection size, BH over pairs < {alpha}; holds when "
+                 "any pair overlaps beyond chance", holds=bool(sig), numbers={"pairs": sig}))
+    if crossling:
+        drop = [c for c, ok in zip(crossling, cl_ok) if ok and c["acc_known"] < 1]
+        f.append(Finding(
+            "cross_lingual", "Versatility: across languages",
+            f"Deactivating the same relation's neurons found in another language leaves "
+            f"{rules.pct(np.nanmean([c['acc_known'] for c in crossling]))} of known English facts (own English neurons: "
+            f"{rules.pct(np.nanmean([c['acc_known_own'] for c in crossling]))}; matched random sets: "
+            f"{rules.pct(np.nanmean([c['acc_known_random'] for c in crossling]))}); the drop is significant against "
+            f"the unmodified model for {len(drop)} of {len(crossling)} (relation, language) pairs.",
+            rule=f"exact McNemar (one-sided) on known facts vs the unmodified model, BH over pairs < {alpha}; holds "
+                 "when more than half drop", holds=len(drop) > len(crossling) / 2,
+            numbers={"dropping": [f"{c['neurons_from']}" for c in drop]}))
+    f.append(rules.layer_concentration(layers, alpha=alpha, region="middle"))
 
-def _findings(s: dict[str, Any], results: dict[str, Any]) -> dict[str, str]:
-    f: dict[str, str] = {}
-    bt = s["baseline_table"]
-    evald = [r for r, v in bt.items() if v["evaluated"]]
-    seeds = int(results["config"]["seeds"])
-    f["baseline"] = (f"With {results['prompting']}, greedy decoding yields the whole object for "
-                     f"{np.mean([v['exact_acc'] for v in bt.values()]):.0%} of held-out facts on average (first token: "
-                     f"{np.mean([v['first_token_acc'] for v in bt.values()]):.0%}); {len(evald)} of {len(bt)} relations have "
-                     f"at least {results['config']['min_known']} known facts (whole object recalled) and are evaluated. "
-                     "Cumulativity is measured on known facts only.")
-    full = [(r, rows[-1]) for r, rows in s["cumulativity"].items()]
-    if full:
-        sel = np.mean([row["acc_selected"] for _, row in full])
-        rnd = np.nanmean([row["acc_random"] for _, row in full])
-        below_all = sum(1 for _, row in full if np.isfinite(row["acc_random_lo"]) and row["p_vs_random"] <= 1 / (seeds + 1) + 1e-12)
-        tr = s["trend"]
-        falling = [r for r, t in tr.items() if np.isfinite(t["p_trend"]) and t["p_trend"] < ALPHA and t["slope"] < 0]
-        steeper = [r for r, t in tr.items() if np.isfinite(t["p_slope_vs_random"]) and t["p_slope_vs_random"] <= 1 / (seeds + 1) + 1e-12]
-        mono = [r for r in falling if tr[r]["monotone"]]
-        f["cumulativity"] = (
-            f"Deactivating all {results['n_selected']} selected neurons of a relation leaves {sel:.0%} of its known facts "
-            f"recalled on average, against {rnd:.0%} for {seeds} random sets of the same size from the same layers; for "
-            f"{below_all} of {len(full)} relations the selected set is below every random set (with {seeds} sets the "
-            f"smallest possible empirical p is {1 / (seeds + 1):.2f}, so this is not a significance claim). Over the whole "
-            f"grid, accuracy falls with the share deactivated (permutation test of the slope, p < {ALPHA}) for "
-            f"{len(falling)} of {len(full)} relations, of which {len(mono)} have no step that rises beyond noise "
-            f"(bootstrap over facts); the slope is steeper than every random curve's for {len(steeper)}.")
-    cd = s["cross_deactivation"]
-    m = np.asarray(cd["delta_acc_all"], dtype=float)
-    if m.size:
-        diag = float(np.nanmean(np.diag(m)))
-        offd = float(np.nanmean(m[~np.eye(len(m), dtype=bool)])) if len(m) > 1 else math.nan
-        f["cross"] = (f"Deactivating a relation's own neurons changes its accuracy by {diag:+.0%} on average (all held-out "
-                      f"facts), other relations' by {offd:+.0%}: on average the effect is "
-                      f"{'larger on the relation itself' if diag < offd else 'not larger on the relation itself'}.")
-    sig = [d for d in s["interference"] if d["significant_fdr05"]]
-    f["interference"] = (f"Of {s['interference_tested']} (deactivated, evaluated) pairs, {len(s['interference'])} gain accuracy; "
-                         f"{len(sig)} gain significantly against the unmodified model (exact McNemar test on per-fact "
-                         f"recall, one-sided, Benjamini-Hochberg q < {ALPHA} over all pairs)"
-                         + (f", the largest being {sig[0]['deactivated']} -> {sig[0]['evaluated']} ({sig[0]['delta_acc']:+.0%})."
-                            if sig else "; no pair is called interference."))
-    ov = np.asarray(s["overlap"]["jaccard"], dtype=float)
-    if ov.size > 1:
-        offo = ov[~np.eye(len(ov), dtype=bool)]
-        i, j = np.unravel_index(np.nanargmax(np.where(np.eye(len(ov), dtype=bool), -1, ov)), ov.shape)
-        f["overlap"] = (f"Neuron sets overlap by a mean Jaccard index of {np.nanmean(offo):.3f}; the most similar pair is "
-                        f"{s['overlap']['concepts'][i]} / {s['overlap']['concepts'][j]} ({ov[i, j]:.3f}).")
-    if s["cross_lingual"]:
-        cl = s["cross_lingual"]
-        f["cross_lingual"] = (f"Across languages the same relation's neuron sets share a mean Jaccard of "
-                              f"{np.mean([c['jaccard_with_en'] for c in cl]):.3f}; deactivating the other-language neurons leaves "
-                              f"{np.nanmean([c['acc_en_known'] for c in cl]):.0%} of known English facts, vs "
-                              f"{np.nanmean([c['acc_en_known_own'] for c in cl]):.0%} with the English neurons and "
-                              f"{np.nanmean([c['acc_en_known_random'] for c in cl]):.0%} with random ones.")
-    mid = s["middle_third_fraction"]
-    f["layers"] = (f"On average {np.mean(list(mid.values())):.0%} of selected neurons lie in the middle third of the layers "
-                   "(a uniform spread would put 33% there).")
-    return f
-
-
-def write_outputs(out: Path, results: dict[str, Any], selected: Mapping[str, NeuronSet], cfg: Any, lm: Any) -> dict[str, Any]:
-    import warnings
-
-    s = summarise(results)
-    results = {**results, "summary": s}
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        findings = _findings(s, results)
-    results["findings"] = findings
-    figs: dict[str, list[str]] = {"cumulativity": [], "cross": [], "overlap": [], "layers": []}
-    for r, rows in s["cumulativity"].items():
-        x = [100 * row["fraction"] for row in rows]
+    # --- plots and sections ---------------------------------------------------------------------------------
+    out, figures = ctx.out, []
+    cum_figs = []
+    for r, rows in cumulativity.items():
         name = f"cumulativity_{r}.png"
-        plots.line_with_bands(out / name, x, {
+        plots.line_with_bands(out / name, [100 * row["fraction"] for row in rows], {
             "selected neurons": ([row["acc_selected"] for row in rows], None, None),
-            "random (same layers)": ([row["acc_random"] for row in rows], [row["acc_random_lo"] for row in rows],
-                                     [row["acc_random_hi"] for row in rows])},
-            xlabel="% of the relation's selected neurons deactivated", ylabel="accuracy on known facts",
-            title=f"Cumulativity: {r}", logx=True, dashed=["random (same layers)"])
-        figs["cumulativity"].append(name)
-    cd = s["cross_deactivation"]
-    if cd["relations"]:
-        plots.heatmap(out / "cross_deactivation.png", np.asarray(cd["delta_acc_all"], dtype=float), cd["relations"],
-                      cd["relations"], title="Accuracy change (rows: deactivated, columns: evaluated)", cmap="RdBu",
-                      center=0.0, fmt="{:+.2f}")
-        figs["cross"].append("cross_deactivation.png")
-    ov = s["overlap"]
-    plots.heatmap(out / "overlap.png", np.asarray(ov["jaccard"], dtype=float), ov["concepts"], ov["concepts"],
-                  title="Jaccard overlap of selected neurons")
-    figs["overlap"].append("overlap.png")
-    plots.layer_histogram(out / "layers.png", s["layers"], title="Selected neurons per layer")
-    figs["layers"].append("layers.png")
-
-    bt = s["baseline_table"]
+            "random (matched)": ([row["acc_random"] for row in rows], [row["acc_random_lo"] for row in rows],
+                                 [row["acc_random_hi"] for row in rows])},
+            xlabel="% of the relation's selected neurons deactivated", ylabel="recall of known facts",
+            title=f"Cumulativity: {r}", logx=True, dashed=["random (matched)"])
+        cum_figs.append(name)
+    figures += cum_figs
+    if rels:
+        plots.heatmap(out / "cross_deactivation.png", cross, rels, rels, cmap="RdBu", center=0.0, fmt="{:+.2f}",
+                      title="Recall change (rows: deactivated, columns: evaluated)")
+        figures.append("cross_deactivation.png")
+    plots.heatmap(out / "overlap.png", overlap, concepts, concepts, title="Jaccard overlap of selected neurons")
+    plots.layer_histogram(out / "layers.png", layers, title="Selected neurons per layer")
+    figures += ["overlap.png", "layers.png"]
+    first = {c: "L{}:{}".format(*sel.ranked[c][0][0]) if sel.ranked.get(c) else "" for c in concepts}
+    top_ids = {c: " ".join(f"L{a}:{b}" for (a, b), _ in sel.ranked[c][:3]) for c in concepts}
     sections = [
-        Section("Baseline recall", findings["baseline"], tables=[Table(
-            ["relation", "facts", "first-token acc", "exact acc", "mean log p", "known", "evaluated"],
-            [[r, v["facts"], v["first_token_acc"], v["exact_acc"], v["mean_logprob"], v["known"], "yes" if v["evaluated"] else "no"]
-             for r, v in bt.items()])]),
-        Section("Cumulativity", findings.get("cumulativity", "No relation had enough known facts."), figures=figs["cumulativity"],
-                tables=[Table(["relation", "% deactivated", "neurons", "acc selected", "acc random (mean)",
-                               "random 2.5%", "random 97.5%", "empirical p", "Δ log p selected"],
-                              [[r, 100 * row["fraction"], row["n_neurons"], row["acc_selected"], row["acc_random"],
-                                row["acc_random_lo"], row["acc_random_hi"], row["p_vs_random"], row["delta_logprob_selected"]]
-                               for r, rows in s["cumulativity"].items() for row in rows],
-                              caption="random columns: the distribution of the random sets' accuracies, not a CI"),
-                        Table(["relation", "slope", "Spearman", "p (trend)", "p (slope vs random)", "monotone within noise",
-                               "rising steps"],
-                              [[r, t["slope"], t["spearman"], t["p_trend"], t["p_slope_vs_random"],
-                                "yes" if t["monotone"] else "no", ", ".join(map(str, t["rising_steps"])) or "–"]
-                               for r, t in s["trend"].items()])]),
-        Section("Versatility: cross-deactivation", findings.get("cross", ""), figures=figs["cross"],
-                tables=[Table(["deactivated \\ evaluated", *cd["relations"]],
-                              [[r, *row] for r, row in zip(cd["relations"], cd["delta_acc_all"])],
-                              caption="accuracy change on all held-out facts")]),
-        Section("Versatility: overlap", findings.get("overlap", ""), figures=figs["overlap"],
-                tables=[Table(["relation", "other-language neurons", "Jaccard", "acc (other-lang deactivated)",
-                               "acc (own deactivated)", "acc (random)"],
-                              [[c["relation"], c["neurons_from"], c["jaccard_with_en"], c["acc_en_known"],
-                                c["acc_en_known_own"], c["acc_en_known_random"]] for c in s["cross_lingual"]],
-                              caption=findings.get("cross_lingual", ""))]),
-        Section("Interference", findings["interference"], tables=[Table(
-            ["deactivated", "evaluated", "Δ acc", "Δ acc random", "p McNemar", "p log p (paired)", "p vs random",
-             "interference (BH 5%)"],
-            [[d["deactivated"], d["evaluated"], d["delta_acc"], d["delta_acc_random"], d["p_mcnemar"], d["p_logprob"],
-              d["p_vs_random"], "yes" if d["significant_fdr05"] else "no"]
-             for d in s["interference"][:30]], caption="every pair that gains accuracy, significant or not")]),
-        Section("Layer distribution", findings["layers"], figures=figs["layers"]),
+        Section("Baseline recall", "baseline", tables=[Table(
+            ["relation", "facts", "exact acc", "first-token acc", "mean log p", "known", "evaluated", "top neuron"],
+            [[r, v["facts"], v["exact_acc"], v["first_token_acc"], v["mean_logprob"], v["known"],
+              "yes" if v["evaluated"] else "no", first.get(r, "")] for r, v in bt.items()], concept_columns=["relation"])]),
+        Section("Deactivating a relation's neurons", "own_effect", tables=[Table(
+            ["relation", "known facts", "recall selected", "random mean", "random 2.5%", "random 97.5%", "p vs random",
+             "p vs unmodified (McNemar)", "recall, all facts", "random, all facts"],
+            [[r, c.n_items, c.selected, c.random_mean, c.random_lo, c.random_hi, c.p_vs_random, c.p_vs_unmodified,
+              own_all[r].selected, own_all[r].random_mean] for r, c in own.items()],
+            caption="random columns: the distribution of the matched random sets, not a CI", concept_columns=["relation"])]),
+        Section("Cumulativity", "cumulativity", figures=cum_figs, tables=[
+            Table(["relation", "% deactivated", "neurons", "recall selected", "random mean", "random 2.5%",
+                   "random 97.5%", "p vs random", "p vs unmodified", "Δ log p"],
+                  [[r, 100 * row["fraction"], row["n_neurons"], row["acc_selected"], row["acc_random"],
+                    row["acc_random_lo"], row["acc_random_hi"], row["p_vs_random"], row["p_vs_unmodified"],
+                    row["delta_logprob"]] for r, rows in cumulativity.items() for row in rows],
+                  concept_columns=["relation"]),
+            Table(["relation", "slope", "Spearman", "p (trend)", "p (slope vs random)", "monotone", "rising steps"],
+                  [[r, t["slope"], t["spearman"], t["p_trend"], t["p_slope_vs_random"], "yes" if t["monotone"] else "no",
+                    ", ".join(map(str, t["rising_steps"])) or "–"] for r, t in trends.items()],
+                  concept_columns=["relation"])]),
+        Section("Specificity: cross-deactivation", "specificity", figures=["cross_deactivation.png"] if rels else [],
+                tables=[Table(["deactivated \\ evaluated", *rels], [[r, *row] for r, row in zip(rels, cross.tolist())],
+                              caption="recall change on all held-out facts", concept_columns=["deactivated \\ evaluated"])]),
+        Section("Interference", "interference", tables=[Table(
+            ["deactivated", "evaluated", "Δ recall", "p McNemar", "p log p (paired)", "Δ recall random", "p vs random",
+             "interference"],
+            [[d["deactivated"], d["evaluated"], d["delta_acc"], d["p_mcnemar"], d["p_logprob"], d["delta_acc_random"],
+              d["p_vs_random"], "yes" if d["interference"] else "no"]
+             for d in sorted(pairs, key=lambda d: (not d["interference"], d["p_mcnemar"]))],
+            caption="every tested pair, significant or not; random sets are evaluated for the pairs that gain",
+            concept_columns=["deactivated", "evaluated"])]),
+        Section("Versatility", "overlap", figures=["overlap.png"], tables=[
+            Table(["set A", "set B", "Jaccard", "hypergeometric p", "beyond chance (BH)"],
+                  [[a, b, jaccard(sets[a], sets[b]), p, "yes" if ok else "no"] for (a, b, p), ok in zip(ov_pairs, ov_ok)],
+                  concept_columns=["set A", "set B"]),
+            Table(["relation", "other-language neurons", "Jaccard", "recall (other-language off)", "recall (own off)",
+                   "recall (random)", "p vs unmodified"],
+                  [[c["relation"], c["neurons_from"], c["jaccard_with_en"], c["acc_known"], c["acc_known_own"],
+                    c["acc_known_random"], c["p_vs_unmodified"]] for c in crossling],
+                  concept_columns=["relation", "other-language neurons"])]),
+        Section("Layer distribution", "layers_middle", figures=["layers.png"], tables=[Table(
+            ["concept", "neurons", "top neurons"], [[c, len(sets[c]), top_ids[c]] for c in concepts],
+            concept_columns=["concept"])]),
     ]
-    if results.get("scorer_comparison"):
-        sc = results["scorer_comparison"]
-        sections.append(Section("Scorer comparison", "AP selection compared with the standardised-mean-difference scorer "
-                                "(Welch t-test, Benjamini-Hochberg at 5%) and with LAPE (activation-probability entropy "
-                                "over relations; a neuron is a candidate for r when its activation probability on r "
-                                "is above the 95th percentile).", tables=[Table(
-                                    ["relation", "max AP", "AP base rate", "SMD-significant neurons", "Jaccard(AP, SMD)",
-                                     "LAPE-assigned neurons", "Jaccard(AP, LAPE)"],
-                                    [[c, v["ap_max"], v["ap_base_rate"], v["smd_significant"], v["ap_smd_jaccard"],
-                                      v.get("lape_assigned", "–"), v.get("ap_lape_jaccard", "–")] for c, v in sc.items()])]))
-    prov = results["provenance"]
-    setup = {"model": prov["model"].get("model"), "model file sha256": prov["model"].get("file_sha256", "–"),
-             "prompting": results["prompting"], "site": cfg.site, "pooling": cfg.pool, "scorer": cfg.scorer,
-             "neurons selected per relation": f"{results['n_selected']} of {results['n_neurons_total']}",
-             "deactivation": cfg.mode, "random baselines (seeds)": cfg.seeds, "identification prompts": results["identify_prompts"],
-             "dataset sha256": prov["dataset_sha256"][:16], "seed": prov["seed"], "neuronatlas": prov["neuronatlas_version"],
-             "wall time (s)": results["timing"]["seconds"], "evaluated prompt rows": results["timing"]["forward_rows"]}
-    write_report(out / "report.html", title="Relation-specific neurons", setup=setup, sections=sections,
-                 intro="Which MLP neurons carry a relation, and what happens to factual recall when they are switched off "
-                       "(after Liu et al. 2025), with layer-matched random baselines and significance tests.")
-    write_json_atomic(out / "results.json", results)
-    with atomic_path(out / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(results), encoding="utf-8")
-    return results
+    agreement = ctx.data.get("agreement") or {}
+    if agreement:
+        sections.append(Section(
+            "Scorer agreement", "AP selection compared with the standardised-mean-difference scorer (Welch t-test, "
+            "BH at 5%) and with LAPE (activation-probability entropy over relations).", tables=[Table(
+                ["relation", "max AP", "AP base rate", "SMD-significant", "Jaccard(AP, SMD)", "LAPE candidates",
+                 "Jaccard(AP, LAPE)"],
+                [[c, v["ap_max"], v["ap_base_rate"], v["smd_significant"], v["ap_smd_jaccard"], v["lape_assigned"],
+                  v["ap_lape_jaccard"]] for c, v in agreement.items()], concept_columns=["relation"])]))
+    setup = {"model": ctx.lm.provenance.get("model"), "model file sha256": ctx.lm.provenance.get("file_sha256", "–"),
+             "prompting": f"{cfg.few_shot}-shot" if cfg.few_shot else "zero-shot templates", "site": cfg.site,
+             "pooling": cfg.pool, "scorer": cfg.scorer, "identification languages": ", ".join(cfg.langs),
+             "neurons per relation": f"{ctx.data['n_select']} of {total}", "deactivation": cfg.mode,
+             "identification prompts": ctx.data["identify_prompts"], "test template": cfg.test_template}
+    numbers = {"concepts": concepts, "unscored_concepts": ctx.data.get("unscored", []), "evaluated_relations": rels,
+               "n_selected": ctx.data["n_select"], "n_neurons_total": total, "n_layers": L,
+               "baseline_table": baseline_table, "own_effect": {r: c.to_json() for r, c in own.items()},
+               "own_effect_all_facts": {r: c.to_json() for r, c in own_all.items()},
+               "cumulativity": cumulativity, "trend": trends, "interference_pairs": pairs,
+               "cross_deactivation": {"relations": rels, "delta_acc_all": cross.tolist()},
+               "overlap": {"concepts": concepts, "jaccard": overlap.tolist()}, "cross_lingual": crossling,
+               "layers": layers, "scorer_comparison": agreement}
+    return Outcome(f, sections, numbers, setup, figures)
 
 
-def _fmt(x: Any, spec: str = ".2f") -> str:
-    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+def _wilcoxon_less(diffs: list[float]) -> float:
+    from scipy import stats
 
-
-def summary_markdown(results: dict[str, Any]) -> str:
-    """The headline table and computed findings as Markdown (``summary.md``, the source of docs/results.md)."""
-    s, cfg, prov = results["summary"], results["config"], results["provenance"]
-    model = prov["model"]
-    sha = model.get("file_sha256") or model.get("revision") or "–"
-    name = str(model.get("model"))
-    if model.get("file"):
-        name += f", {Path(str(model['file'])).name}"
-    lines = [f"## Relation-specific neurons — {name} (sha256 {str(sha)[:16]}…)", "",
-             f"Setup: {results['prompting']}, site {cfg['site']}, {cfg['pool']} pooling, {cfg['scorer'].upper()} scorer, "
-             f"{results['n_selected']} neurons per relation (of {results['n_neurons_total']}), {cfg['seeds']} layer-matched "
-             f"random baselines per condition, identification languages {', '.join(cfg['langs'])}; "
-             f"wall time {results['timing']['seconds']:.0f} s.", "",
-             "| relation | test facts | exact acc | first-token acc | known | acc after deactivating 100% of its neurons | "
-             "random sets, same layers (mean [2.5%, 97.5%]) |", "|---|---|---|---|---|---|---|"]
-    for r, v in s["baseline_table"].items():
-        full = (s["cumulativity"].get(r) or [None])[-1]
-        if full is None:
-            after, rand = "not evaluated", "–"
-        else:
-            after = _fmt(full["acc_selected"])
-            rand = f"{_fmt(full['acc_random'])} [{_fmt(full['acc_random_lo'])}, {_fmt(full['acc_random_hi'])}]"
-        lines.append(f"| {r} | {v['facts']} | {_fmt(v['exact_acc'])} | {_fmt(v['first_token_acc'])} | {v['known']} | "
-                     f"{after} | {rand} |")
-    lines += ["", "Findings (computed by the study):", ""]
-    lines += [f"- **{k}**: {v}" for k, v in sorted(results["findings"].items())]
-    sig = [d for d in s["interference"] if d["significant_fdr05"]]
-    if sig:
-        lines += ["", "Interference pairs (exact McNemar vs the unmodified model, BH q < 0.05):", ""]
-        lines += [f"- deactivating {d['deactivated']} raises {d['evaluated']} by {d['delta_acc']:+.2f} "
-                  f"(random: {d['delta_acc_random']:+.2f}, McNemar p = {d['p_mcnemar']:.3g}, vs random p = "
-                  f"{d['p_vs_random']:.2f})" for d in sig]
-    comp = results.get("scorer_comparison") or {}
-    if comp:
-        lines += ["", "Scorer agreement on the evaluation language (Jaccard with the AP set):", "",
-                  "| relation | SMD-significant | Jaccard(AP, SMD) | LAPE candidates | Jaccard(AP, LAPE) |", "|---|---|---|---|---|"]
-        lines += [f"| {c} | {v['smd_significant']} | {_fmt(v['ap_smd_jaccard'], '.3f')} | {v.get('lape_assigned', '–')} | "
-                  f"{_fmt(v.get('ap_lape_jaccard'), '.3f')} |" for c, v in comp.items()]
-    return "\n".join(lines) + "\n"
+    d = np.asarray([x for x in diffs if math.isfinite(x)], dtype=float)
+    if d.size < 2 or not np.any(d != 0):
+        return math.nan
+    return float(stats.wilcoxon(d, alternative="less").pvalue)
