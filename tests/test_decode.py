@@ -359,7 +359,8 @@ def test_cli_compare_decode(tiny_dir, capsys, tmp_path):
 
 
 def test_concept_tokens_and_selection_rows(tmp_path):
-    from neuronatlas.studies.clamp import ClampConfig, parse_value, write_selections
+    from neuronatlas.studies import run
+    from neuronatlas.studies.clamp import ClampConfig, parse_value
 
     lm = tiny_model("llama")
     ids = concept_token_ids(lm.tokenizer, "dog")
@@ -370,32 +371,34 @@ def test_concept_tokens_and_selection_rows(tmp_path):
     atlas = Atlas.create(tmp_path / "atlas", model=lm.provenance)
     atlas.write_table("selections.parquet", {"study": ["relations"], "concept": ["capital"], "method": ["ap"],
                                              "site": ["mlp"], "layer": [1], "neuron": [2], "score": [0.5], "rank": [0]})
-    first = [{"layer": 0, "neuron": n, "score": 1.0 - n / 10, "selection_rank": i} for i, n in enumerate((3, 4))]
-    write_selections(atlas, lm, "dog", first, tmp_path / "run")
-    write_selections(atlas, lm, "dog", first[:1], tmp_path / "run")           # replaces, does not append
-    write_selections(atlas, lm, "cat", first, tmp_path / "run")
+    small = dict(n_random=1, n_prompts=2, max_new_tokens=2, n_texts=4, n_permutations=5, sources=("plots",))
+    run(lm, ClampConfig(concept="dog", n_neurons=2, **small), tmp_path / "dog", atlas=tmp_path / "atlas")
+    run(lm, ClampConfig(concept="dog", n_neurons=1, **small), tmp_path / "dog1", atlas=tmp_path / "atlas")  # replaces
+    run(lm, ClampConfig(concept="cat", n_neurons=2, **small), tmp_path / "cat", atlas=tmp_path / "atlas")
     rows = atlas.read_table("selections.parquet").to_pylist()
-    assert [(r["study"], r["concept"], r["neuron"]) for r in rows] == [
-        ("relations", "capital", 2), ("clamp", "dog", 3), ("clamp", "cat", 3), ("clamp", "cat", 4)]
+    assert [(r["study"], r["concept"]) for r in rows] == [("relations", "capital"), ("clamp", "dog"), ("clamp", "cat"),
+                                                          ("clamp", "cat")]
     assert atlas.read_table("selections.parquet").column_names == ["study", "concept", "method", "site", "layer",
                                                                    "neuron", "score", "rank"]
-    assert atlas.manifest()["studies"]["clamp"]["concepts"] == ["cat", "dog"]
+    studies = atlas.manifest()["studies"]
+    assert studies["clamp-dog"]["kind"] == "clamp" and studies["clamp-cat"]["concepts"] == ["cat"]
 
 
 def test_clamp_study_on_a_tiny_model_writes_everything_and_resumes(tmp_path, monkeypatch):
     import neuronatlas.studies.clamp as clamp_study
 
     lm = tiny_model("llama")
-    config = clamp_study.ClampConfig(concept="dog", n_neurons=3, value="2xmax", seeds=2, n_prompts=3, max_new_tokens=3,
-                                     n_texts=6, n_permutations=20, sources=("plots",))
+    config = clamp_study.ClampConfig(concept="dog", n_neurons=3, value="2xmax", n_random=2, n_prompts=3,
+                                     max_new_tokens=3, n_texts=6, n_permutations=20, sources=("plots",))
     first = clamp_study.run_clamp_study(lm, config, tmp_path / "run", atlas=tmp_path / "atlas")
-    assert [n["selection_rank"] for n in first["selection"]["neurons"]] == [0, 1, 2]
-    ranks = [(n["rank"], -n["score"]) for n in first["selection"]["neurons"]]
+    neurons = first["decoded"]["neurons"]
+    assert [n["selection_rank"] for n in neurons] == [0, 1, 2]
+    ranks = [(n["rank"], -n["score"]) for n in neurons]
     assert ranks == sorted(ranks)
-    assert len(first["clamp_values"]["decoded"]) == 3 and len(first["controls"]) == 2
+    assert first["conditions"]["by_kind"] == {"baseline": 1, "selected": 1, "random": 2}
     assert first["texts"]["concept_texts"] == 6 and first["texts"]["other_texts"] == 6
-    assert len(first["findings"]) == 4 and all(isinstance(f, str) for f in first["findings"])
-    for name in ("results.json", "report.html", "mention_rate.png", "logprob_shift.png", "state.json"):
+    assert [f.key for f in first.report.findings] == ["selection", "mention", "logprob", "activation"]
+    for name in ("results.json", "report.html", "summary.md", "mention_rate.png", "logprob_shift.png", "state.json"):
         assert (tmp_path / "run" / name).exists(), name
 
     def no_rerun(*args, **kwargs):
@@ -416,20 +419,21 @@ def test_clamp_study_in_miniature_on_the_embedded_model(tmp_path):
     from neuronatlas.studies.clamp import ClampConfig, run_clamp_study
 
     lm = load_model("default")
-    config = ClampConfig(concept="dog", n_neurons=4, value="3xmax", seeds=2, n_prompts=4, max_new_tokens=8,
+    config = ClampConfig(concept="dog", n_neurons=4, value="3xmax", n_random=2, n_prompts=4, max_new_tokens=8,
                          n_texts=12, layers=(28, 29), n_permutations=100, sources=("reviews", "plots"))
     results = run_clamp_study(lm, config, tmp_path / "run", atlas=tmp_path / "atlas")
-    chosen = [n["id"] for n in results["selection"]["neurons"]]
-    assert len(chosen) == 4 and all(n["rank"] < 50 for n in results["selection"]["neurons"])
+    chosen = results["selection"]["neurons"]["dog"]
+    assert len(chosen) == 4 and all(n["rank"] < 50 for n in results["decoded"]["neurons"])
     assert "dog" in [t.strip().lower() for t in results["concept_token_text"]]
-    assert set(results["generations"]) == {"baseline", "decoded", "random0", "random1"}
+    assert set(results["generations"]) == {"baseline|prompts", "clamp", "clamp|rand0"}
     assert all(len(g) == 4 for g in results["generations"].values())
-    lp = results["logprob"]["concept_logprob"]
-    assert results["logprob"]["shift_decoded"][0] == pytest.approx(np.mean(np.array(lp["decoded"]) - np.array(lp["baseline"])))
+    lp = results["logprob"]
+    assert lp["n_items"] == 4 and lp["selected"] > lp["baseline"]          # clamping a 'dog' neuron raises log p(dog)
     assert results["activation"] is not None and results["texts"]["concept_texts"] == 12
-    for name in ("results.json", "report.html", "mention_rate.png", "logprob_shift.png", "activation_d.png"):
+    for name in ("results.json", "report.html", "mention_rate.png", "logprob_shift.png"):
         assert (tmp_path / "run" / name).exists(), name
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert on_disk["findings"] == results["findings"] and on_disk["provenance"]["dataset_sha256"]
+    assert on_disk["findings"] == results.findings and on_disk["provenance"]["dataset_sha256"]
     sel = Atlas.open(tmp_path / "atlas").read_table("selections.parquet").to_pylist()
-    assert [f"L{r['layer']}:{r['neuron']}" for r in sel] == chosen and {r["method"] for r in sel} == {"decode"}
+    assert [f"L{r['layer']}:{r['neuron']}" for r in sel] == [n["id"] for n in results["decoded"]["neurons"]]
+    assert {r["method"] for r in sel} == {"decode"}

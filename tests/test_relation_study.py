@@ -12,7 +12,6 @@ from neuronatlas.models.tiny import tiny_model
 from neuronatlas.store import Atlas
 from neuronatlas.studies.common import jaccard, mean_ci, random_like
 from neuronatlas.studies.relations import RelationStudyConfig, run_relation_study
-from neuronatlas.studies.relations_report import summarise
 
 
 def test_random_baseline_matches_layers_and_avoids_selected():
@@ -33,92 +32,54 @@ def test_jaccard_and_ci_by_hand():
     assert mean_ci([0.5])[1] == 0.5
 
 
-def _fake_results():
-    """Two relations, 4 facts each, seeds=2, grid (0.5, 1.0), 2 selected neurons each."""
-    base = {"a": {"correct": [1, 1, 1, 0], "exact": [1, 1, 0, 0], "logprob": [-1, -1, -3, -3]},
-            "b": {"correct": [1, 1, 1, 0], "exact": [1, 1, 1, 0], "logprob": [-1, -1, -1, -4]}}
+def test_overlap_p_is_the_hypergeometric_tail():
+    from scipy import stats
 
-    def e(c, lp):
-        return {"correct": c, "exact": c, "logprob": lp}
+    from neuronatlas.studies.relations_report import overlap_p
 
-    raw = {
-        "a": {"baseline": base["a"], "deact:a": e([0, 0, 0, 0], [-5, -5, -5, -5]), "deact:b": e([1, 1, 1, 0], [-1, -1, -2, -3]),
-              "rand:a:0": e([1, 1, 0, 0], [-1, -1, -3, -3]), "rand:a:1": e([1, 0, 0, 0], [-1, -2, -3, -3]),
-              "rand:b:0": e([1, 1, 0, 0], [-1, -1, -3, -3]), "rand:b:1": e([1, 1, 0, 0], [-1, -1, -3, -3]),
-              # cumulativity conditions are evaluated on the known facts only (idx 0 and 1)
-              "cum:0.5": {**e([1, 0], [-2, -3]), "idx": [0, 1]}, "cumrand:0.5:0": {**e([1, 1], [-1, -1]), "idx": [0, 1]},
-              "cumrand:0.5:1": {**e([1, 1], [-1, -1]), "idx": [0, 1]}},
-        "b": {"baseline": base["b"], "deact:b": e([0, 1, 0, 0], [-4, -1, -4, -4]), "deact:a": e([1, 1, 1, 0], [-1, -1, -1, -4]),
-              "rand:a:0": e([1, 1, 1, 0], [-1, -1, -1, -4]), "rand:a:1": e([1, 1, 1, 0], [-1, -1, -1, -4]),
-              "rand:b:0": e([1, 1, 1, 0], [-1, -1, -1, -4]), "rand:b:1": e([1, 1, 0, 0], [-1, -1, -2, -4]),
-              "cum:0.5": e([1, 1, 0, 0], [-1, -1, -3, -4]), "cumrand:0.5:0": e([1, 1, 1, 0], [-1, -1, -1, -4]),
-              "cumrand:0.5:1": e([1, 1, 1, 0], [-1, -1, -1, -4])},
-    }
-    return {"config": {"seeds": 2, "grid": [0.5, 1.0], "min_known": 1}, "baseline": base, "raw": raw,
-            "evaluated_relations": ["a", "b"], "n_layers": 4,
-            "selected": {"a": [[1, 0], [2, 3]], "b": [[1, 0], [3, 1]]}}
-
-
-def test_summary_tables_by_hand():
-    s = summarise(_fake_results())
-    cum_a = s["cumulativity"]["a"]
-    # known facts of a: the first two. 50%: 1 neuron, accuracy 1/2; random 1.0 and 1.0
-    assert cum_a[0]["n_neurons"] == 1 and cum_a[0]["acc_selected"] == 0.5 and cum_a[0]["acc_random"] == 1.0
-    assert cum_a[0]["delta_logprob_selected"] == pytest.approx(((-2 + 1) + (-3 + 1)) / 2)
-    # 100% reuses deact:a (0/2) and rand:a:* (1.0, 0.5)
-    assert cum_a[1]["acc_selected"] == 0.0 and cum_a[1]["acc_random"] == 0.75
-    cd = s["cross_deactivation"]
-    m = np.array(cd["delta_acc_all"])
-    assert m[0, 0] == pytest.approx(0 - 0.5)          # deactivate a, evaluate a (all facts)
-    assert m[1, 0] == pytest.approx(0.75 - 0.5)       # deactivate b raises a: interference
-    assert m[0, 1] == pytest.approx(0.75 - 0.75)
-    assert m[1, 1] == pytest.approx(0.25 - 0.75)
-    assert [(d["deactivated"], d["evaluated"]) for d in s["interference"]] == [("b", "a")]
-    # tested against the unmodified model: 1 fact gained, 0 lost -> exact one-sided McNemar p = 1/2
-    (pair,) = s["interference"]
-    assert pair["p_mcnemar"] == pytest.approx(0.5) and not pair["significant_fdr05"]
-    assert s["interference_tested"] == 2
-    # known facts and accuracies use the whole object (exact), the first token is a secondary column
-    assert s["baseline_table"]["a"]["known"] == 2 and s["baseline_table"]["a"]["first_token_acc"] == 0.75
-    # the selected set's rank among the 2 random sets: (1 + 0) / (1 + 2)
-    assert cum_a[1]["p_vs_random"] == pytest.approx(1 / 3)
-    assert cum_a[1]["acc_random_lo"] == pytest.approx(0.5125) and cum_a[1]["acc_random_hi"] == pytest.approx(0.9875)
-    # dose-response over the grid on the same known facts: 0.5 -> 0.0
-    trend = s["trend"]["a"]
-    assert trend["slope"] == pytest.approx(-1.0) and trend["rising_steps"] == []
-    assert s["overlap"]["jaccard"][0][1] == pytest.approx(1 / 3)
-    assert s["layers"]["a"] == [0, 1, 1, 0]
+    a, b = {(0, i) for i in range(10)}, {(0, i) for i in range(5, 20)}
+    assert overlap_p(a, b, 100) == pytest.approx(stats.hypergeom.sf(4, 100, 10, 15))
+    assert overlap_p(set(), b, 100) != overlap_p(set(), b, 100)          # NaN for an empty set
 
 
 def test_miniature_study_on_tiny_model(tmp_path):
     lm = tiny_model("llama")
     cfg = RelationStudyConfig(relations=("country_capital", "country_language", "country_continent"), langs=("en", "de"),
-                              max_identify_facts=6, max_test_facts=5, seeds=2, grid=(0.5, 1.0), min_known=0,
-                              select_n=8, batch_size=8, cumulativity_on="all")
+                              max_identify_facts=6, max_test_facts=5, n_random=2, grid=(0.5, 1.0), min_known=0,
+                              select_n=8, batch_size=8)
     res = run_relation_study(lm, tmp_path / "study", cfg)
-    assert set(res["evaluated_relations"]) == {"country_capital", "country_language", "country_continent"}
+    rels = ["country_capital", "country_continent", "country_language"]
+    assert res["evaluated_relations"] == rels
     saved = json.loads((tmp_path / "study/results.json").read_text())
-    assert saved["summary"]["cross_deactivation"]["relations"] == res["evaluated_relations"]
-    assert len(saved["selected"]["country_capital"]) == 8
-    for name in ("report.html", "overlap.png", "layers.png", "cross_deactivation.png", "cumulativity_country_capital.png"):
+    assert saved["cross_deactivation"]["relations"] == rels and len(saved["selection"]["neurons"]["country_capital"]) == 8
+    # every arm the design asks for, and the random arms only where a test needs them
+    kinds = saved["conditions"]["by_kind"]
+    gaining = sum(1 for d in saved["interference_pairs"] if d["delta_acc"] > 0)
+    assert kinds["baseline"] == 3 and kinds["random"] == 2 * (3 + 3 + gaining)    # own, cum 0.5, gaining pairs
+    for name in ("report.html", "summary.md", "overlap.png", "layers.png", "cross_deactivation.png",
+                 "cumulativity_country_capital.png"):
         assert (tmp_path / "study" / name).stat().st_size > 0
     html = (tmp_path / "study/report.html").read_text()
-    assert "Cumulativity" in html and res["findings"]["layers"][:20] in html
+    assert "Cumulativity" in html and "rule:" in html
+    report = saved["report"]
+    assert [f["key"] for f in report["findings"]][:3] == ["baseline", "own_effect", "cumulativity"]
+    assert all(f["rule"] for f in report["findings"]) and report["sections"][0]["tables"][0]["concept_columns"]
     atlas = Atlas.open(tmp_path / "study/atlas")
     sel = atlas.query("SELECT concept, count(*) AS n FROM selections GROUP BY concept ORDER BY concept").to_pylist()
-    assert {r["concept"] for r in sel} >= {"country_capital", "country_continent@de", "country_language@de"} and all(r["n"] == 8 for r in sel)
-    assert atlas.manifest()["studies"]["relations"]["path"] == "studies/relations"
-    # a rerun reuses the record and every finished condition
+    assert {r["concept"] for r in sel} >= {"country_capital", "country_continent@de", "country_language@de"}
+    assert all(r["n"] == 8 for r in sel)
+    entry = atlas.manifest()["studies"]["relations"]
+    assert entry["path"] == "studies/relations" and (tmp_path / "study/atlas/studies/relations/results.json").exists()
+    # a rerun reuses the record and every finished arm
     again = run_relation_study(lm, tmp_path / "study", cfg)
-    assert json.dumps(again["summary"], sort_keys=True) == json.dumps(res["summary"], sort_keys=True)
-    assert not np.isnan(res["summary"]["cumulativity"]["country_capital"][0]["acc_selected"])
-    assert again["provenance"]["record_fingerprint"] == res["provenance"]["record_fingerprint"]
+    assert again["timing"]["model_forward_calls"] == 0
+    assert json.dumps(again["cumulativity"], sort_keys=True) == json.dumps(res["cumulativity"], sort_keys=True)
 
 
 def test_lape_scorer_in_the_study(tmp_path):
     lm = tiny_model("llama")
     cfg = RelationStudyConfig(relations=("country_capital", "country_language"), langs=("en",), scorer="lape",
-                              max_identify_facts=6, max_test_facts=4, seeds=1, grid=(0.5,), min_known=0,
+                              max_identify_facts=6, max_test_facts=4, n_random=1, grid=(0.5,), min_known=0,
                               select_n=8, batch_size=8)
     res = run_relation_study(lm, tmp_path / "study", cfg)
     from neuronatlas.stats.lape import LAPEScorer
@@ -129,11 +90,12 @@ def test_lape_scorer_in_the_study(tmp_path):
     lape = LAPEScorer().fit(rec.moments.act_prob[[rec.labels.index(c) for c in labels]], languages=labels)
     for c in labels:
         want = [divmod(int(f), lm.n_neurons) for f in lape.top_indices(c, 8)]
-        assert sorted(tuple(p) for p in res["selected"][c]) == sorted(want) and 0 < len(want) <= 8
+        got = [tuple(int(x) for x in n[1:].split(":")) for n in res["selection"]["neurons"][c]]
+        assert sorted(got) == sorted(want) and 0 < len(want) <= 8
     md = (tmp_path / "study/summary.md").read_text()
-    assert "| country_capital |" in md and "LAPE scorer" in md and "Jaccard(AP, LAPE)" in md
+    assert "| country_capital |" in md and "scorer: lape" in md and "Jaccard(AP, LAPE)" in md
     comp = res["scorer_comparison"]["country_capital"]
-    assert 0.0 <= comp["ap_lape_jaccard"] <= 1.0 and comp["lape_assigned"] >= len(res["selected"]["country_capital"])
+    assert 0.0 <= comp["ap_lape_jaccard"] <= 1.0 and comp["lape_assigned"] >= len(res["selection"]["neurons"]["country_capital"])
 
 
 def test_random_sets_match_layer_and_magnitude_decile():
