@@ -124,8 +124,8 @@ def main() -> None:
 
         t = _Timer()
         res = run_languages_study(lm, args.study_out, LanguagesConfig(langs=tuple(langs), n_per_lang=args.n_per_lang))
-        report["study"] = {**t.done(), "timings_s": res["timings_s"],
-                           "forward_passes_this_run": res["forward_passes_this_run"]}
+        report["study"] = {**t.done(), "timings_s": res["timing"]["phases"],
+                           "forward_passes_this_run": res["timing"]["model_forward_calls"]}
     report["total"] = t_all.done()
     report["machine"]["load_average_at_end"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

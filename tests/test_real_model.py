@@ -47,22 +47,24 @@ def test_record_small_dataset_on_embedded_model(smollm, tmp_path):
 
 def test_miniature_relation_study_on_embedded_model(smollm, tmp_path):
     cfg = RelationStudyConfig(relations=("country_capital", "element_symbol"), langs=("en",), max_identify_facts=8,
-                              max_test_facts=10, seeds=2, grid=(0.1, 1.0), min_known=2, select_n=200)
+                              max_test_facts=10, n_random=2, grid=(0.1, 1.0), min_known=2, select_n=200)
     res = run_relation_study(smollm, tmp_path / "study", cfg)
     out = tmp_path / "study"
     saved = json.loads((out / "results.json").read_text())
     for name in ("report.html", "overlap.png", "layers.png"):
         assert (out / name).stat().st_size > 1000
-    bt = saved["summary"]["baseline_table"]
+    bt = saved["baseline_table"]
+    state = json.loads((out / "state.json").read_text())["data"]
     for rel, row in bt.items():  # the table is consistent with the per-fact results
-        assert row["first_token_acc"] == pytest.approx(np.mean(saved["baseline"][rel]["correct"]))
-        assert row["known"] == sum(saved["baseline"][rel]["correct"])
+        base = state[f"arm|baseline|{rel}"]
+        assert row["first_token_acc"] == pytest.approx(np.mean(base["first"]))
+        assert row["known"] == sum(base["exact"]) and row["known"] <= sum(base["first"])
     assert bt["country_capital"]["known"] >= 2, "the model should know a few capitals"
     for rel in saved["evaluated_relations"]:
-        rows = saved["summary"]["cumulativity"][rel]
+        rows = saved["cumulativity"][rel]
         assert [r["n_neurons"] for r in rows] == [20, 200]
         assert all(0.0 <= r["acc_selected"] <= 1.0 for r in rows)
         assert (out / f"cumulativity_{rel}.png").exists()
-    assert sum(len(v) for v in saved["selected"].values()) == 200 * len(saved["selected"])
+    assert all(len(v) == 200 for v in saved["selection"]["neurons"].values())
     html = (out / "report.html").read_text()
     assert saved["findings"]["baseline"] in html
