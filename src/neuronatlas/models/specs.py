@@ -105,7 +105,7 @@ class ArchSpec:
 
     # --- weights, as (n_neurons, d_model) matrices -----------------------------------------
     def _linear_rows(self, module: nn.Module, out_side: bool) -> torch.Tensor:
-        w = module.weight
+        w: torch.Tensor = module.weight  # type: ignore[assignment]
         if self.conv1d:  # Conv1D weight is (in, out)
             return w.T if not out_side else w
         return w if not out_side else w.T
@@ -130,8 +130,9 @@ class ArchSpec:
 
     def unembedding(self, model: nn.Module) -> torch.Tensor:
         """(vocab, d_model) unembedding; HF's output embeddings first, the spec's path as a fallback."""
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return (out if out is not None else get_module(model, self.unembed)).weight
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None  # type: ignore[operator]
+        weight: torch.Tensor = (out if out is not None else get_module(model, self.unembed)).weight  # type: ignore[assignment]
+        return weight
 
     def final_norm_scale(self, model: nn.Module) -> torch.Tensor | None:
         try:

@@ -248,7 +248,7 @@ class ClampStudy(Study[ClampConfig]):
         grid.selected("clamp", selection.neurons(ctx.config.concept), clamp, "prompts", concept=ctx.config.concept)
         return grid
 
-    def measure(self, ctx: Context[ClampConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, list[Any]]]:
+    def measure(self, ctx: Context[ClampConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, Any]]:
         cfg, prompts = ctx.config, list(NEUTRAL_PROMPTS[: ctx.config.n_prompts])
         conds = [a.condition for a in arms]
         gens = generate(ctx.lm, prompts, conditions=conds, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)

@@ -371,7 +371,7 @@ class Study(ABC, Generic[C]):
     def conditions(self, ctx: Context[C], selection: Selection) -> Grid: ...
 
     @abstractmethod
-    def measure(self, ctx: Context[C], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, list[float]]]: ...
+    def measure(self, ctx: Context[C], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, Any]]: ...
 
     @abstractmethod
     def findings(self, ctx: Context[C], selection: Selection, grid: Grid, measured: Measured) -> Outcome: ...
@@ -442,7 +442,7 @@ class Study(ABC, Generic[C]):
             "created": results["provenance"]["created"], "concepts": selection.concepts}))
         return StudyResult(self.name, out_dir, report, results)
 
-    def _measure_all(self, ctx: Context[C], arms: list[Arm]) -> dict[str, dict[str, list[float]]]:
+    def _measure_all(self, ctx: Context[C], arms: list[Arm]) -> dict[str, dict[str, Any]]:
         """Measure every arm once, grouped by item set (and subset) in chunks of ``pass_arms``;
         finished arms come from the state."""
         groups: dict[tuple[str, tuple[int, ...] | None], list[Arm]] = defaultdict(list)

@@ -81,6 +81,11 @@ class LanguagesConfig(StudyConfig):
             raise DatasetError("n_random and n_gen must be at least 1")
 
 
+def zero(neurons: NeuronSet) -> Condition:
+    """Deactivation: the neurons set to 0 at every position."""
+    return (Ablate(neurons),)
+
+
 def _mean(values: Sequence[Any]) -> float:
     """Mean of the finite values (None and NaN skipped); NaN when there are none."""
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
@@ -166,7 +171,6 @@ class LanguagesStudy(Study[LanguagesConfig]):
             ns = selection.neurons(lang)
             if not len(ns):
                 continue
-            zero = (lambda n: (Ablate(n),))
             grid.selected(f"deact:{lang}", ns, zero, "ppl", concept=lang, random=False)
             scope = ctx.data["verses"][lang] if cfg.random_scope == "diagonal" else None
             for arm in grid.random_arms(f"deact:{lang}", ns, zero, "ppl", random_tag=lang, concept=lang, subset=scope,
@@ -177,10 +181,13 @@ class LanguagesStudy(Study[LanguagesConfig]):
                                         subset=gen_idx[lang], exclude=union):
                 grid.add(arm)
             values = tuple(float(ctx.data["maxima"][k, a, b]) * cfg.clamp_scale for a, b in ns.pairs)
-            grid.selected(f"gen:clamp:{lang}", ns, lambda n, v=values: (Clamp(n, v),), "gen", concept=lang, random=False)
+
+            def clamp(n: NeuronSet, v: tuple[float, ...] = values) -> Condition:
+                return (Clamp(n, v),)
+            grid.selected(f"gen:clamp:{lang}", ns, clamp, "gen", concept=lang, random=False)
         return grid
 
-    def measure(self, ctx: Context[LanguagesConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, list[Any]]]:
+    def measure(self, ctx: Context[LanguagesConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, Any]]:
         cfg = ctx.config
         conds: list[Condition] = [a.condition for a in arms]
         if items == "ppl":
@@ -198,7 +205,7 @@ class LanguagesStudy(Study[LanguagesConfig]):
         idx = list(arms[0].subset) if arms[0].subset is not None else list(range(len(prompts)))
         outs = generate(ctx.lm, [prompts[i] for i in idx], conditions=conds, max_new_tokens=cfg.max_new_tokens,
                         batch_size=cfg.batch_size)
-        got = {}
+        got: dict[str, dict[str, Any]] = {}
         for g, a in enumerate(arms):
             det = detect_language(outs[g])
             got[a.key] = {"text": outs[g], "detected": det,

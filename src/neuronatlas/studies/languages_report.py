@@ -27,6 +27,10 @@ def languages_outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured
         return _outcome(ctx, sel, grid, m)
 
 
+def _f(x: Any) -> float:
+    return float(x)
+
+
 def _ppl(m: Measured, key: str, verses: list[int]) -> float:
     return perplexity(float(m.on(key, "nll", verses).sum()), int(m.on(key, "tokens", verses).sum()))
 
@@ -69,7 +73,7 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
         clamp_rows.append({"language": k, "rate_other": float(after.mean()) if after.size else math.nan,
                            "baseline_other": float(before.mean()) if before.size else math.nan,
                            "p_mcnemar": mcnemar_exact(before, after, "greater") if after.size else math.nan})
-    clamp_ok = benjamini_hochberg([r["p_mcnemar"] for r in clamp_rows], alpha) if clamp_rows else []
+    clamp_ok: Any = benjamini_hochberg([r["p_mcnemar"] for r in clamp_rows], alpha) if clamp_rows else []
     for r, ok in zip(clamp_rows, clamp_ok):
         r["significant"] = bool(ok and r["rate_other"] > r["baseline_other"])
 
@@ -87,9 +91,9 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
         unit="language"))
     f.append(Finding(
         "specificity", "Specificity",
-        f"Zeroing a language's neurons raises its own perplexity by {rules.pct(np.nanmean([a for _, a, _ in spec]))} "
-        f"on average and the other languages' by {rules.pct(np.nanmean([b for _, _, b in spec]))}; matched random sets "
-        f"raise the own language's by {rules.pct(np.nanmean([random[k]['mean'] for k in active]))}. One-sided "
+        f"Zeroing a language's neurons raises its own perplexity by {rules.pct(_f(np.nanmean([a for _, a, _ in spec])))} "
+        f"on average and the other languages' by {rules.pct(_f(np.nanmean([b for _, _, b in spec])))}; matched random sets "
+        f"raise the own language's by {rules.pct(_f(np.nanmean([random[k]['mean'] for k in active])))}. One-sided "
         f"Wilcoxon signed-rank over {len(spec)} languages (own rise larger than the mean rise elsewhere): "
         f"p = {rules.num(spec_p, '.2g')}.",
         rule=f"Wilcoxon signed-rank over languages of (mean other-language change - own change) < 0, p < {alpha}",
@@ -102,8 +106,8 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
     f.append(Finding(
         "clamp", "Clamping language neurons",
         f"Clamping a language's neurons to {cfg.clamp_scale} x their recorded maximum while prompting in the other "
-        f"languages turns {rules.pct(np.nanmean([r['rate_other'] for r in clamp_rows]))} of continuations into the "
-        f"clamped language (no intervention: {rules.pct(np.nanmean([r['baseline_other'] for r in clamp_rows]))}); the "
+        f"languages turns {rules.pct(_f(np.nanmean([r['rate_other'] for r in clamp_rows])))} of continuations into the "
+        f"clamped language (no intervention: {rules.pct(_f(np.nanmean([r['baseline_other'] for r in clamp_rows])))}); the "
         f"rise is significant for {len(sig)} of {len(clamp_rows)} languages (exact McNemar on prompts, BH q < {alpha}).",
         rule=f"per language: rate rises and BH-corrected one-sided McNemar p < {alpha}; holds when more than half do",
         holds=len(sig) > len(clamp_rows) / 2 if clamp_rows else None, numbers={"significant": sig}))

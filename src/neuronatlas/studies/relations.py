@@ -36,6 +36,7 @@ from neuronatlas.evaluate.core import target_logprobs
 from neuronatlas.intervene import Ablate, Clamp, NeuronSet
 from neuronatlas.intervene.interventions import Condition
 from neuronatlas.models.loading import LoadedModel
+from neuronatlas.models.sites import Component
 from neuronatlas.record import RecordConfig, record
 from neuronatlas.stats.inference import magnitude_bins
 from neuronatlas.stats.scorers import scorer
@@ -217,7 +218,7 @@ class RelationStudy(Study[RelationStudyConfig]):
                                         "split": "identify"} for r in ident], source="relation facts")
         with ctx.phase("record"):
             rec = record(lm, prompts, ctx.store, name="relations",
-                         config=RecordConfig(component=cfg.site, pool=cfg.pool, batch_size=32, top_k=10),
+                         config=RecordConfig(component=Component(cfg.site), pool=cfg.pool, batch_size=32, top_k=10),
                          progress=lambda done, total: ctx.tick("record", done, total))
         assert rec.pooled is not None
         L, N = lm.n_layers, lm.n_neurons
@@ -310,7 +311,7 @@ class RelationStudy(Study[RelationStudyConfig]):
         return extra
 
     # --- measure ---------------------------------------------------------------------------------------------
-    def measure(self, ctx: Context[RelationStudyConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, list[float]]]:
+    def measure(self, ctx: Context[RelationStudyConfig], items: str, arms: Sequence[Arm]) -> dict[str, dict[str, Any]]:
         rows = ctx.data["test"][items]
         prompts = ctx.data["prompts"][items]
         idx = list(arms[0].subset) if arms[0].subset is not None else list(range(len(rows)))

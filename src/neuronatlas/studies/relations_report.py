@@ -94,7 +94,7 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
             pairs.append({"deactivated": r, "evaluated": r2, "delta_acc": c.delta, "p_mcnemar": c.p_vs_unmodified,
                           "p_logprob": p_lp, "delta_acc_random": c.random_mean - c.baseline if c.n_random else None,
                           "p_vs_random": c.p_vs_random if c.n_random else None})
-    q_ok = benjamini_hochberg([d["p_mcnemar"] for d in pairs], alpha) if pairs else []
+    q_ok: Any = benjamini_hochberg([d["p_mcnemar"] for d in pairs], alpha) if pairs else []
     for d, ok in zip(pairs, q_ok):
         d["interference"] = bool(ok and d["delta_acc"] > 0)
     # specificity: own effect more negative than the mean effect of the same neurons on other relations
@@ -107,16 +107,16 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
     total = L * ctx.lm.n_neurons
     overlap = np.array([[jaccard(sets[a], sets[b]) for b in concepts] for a in concepts])
     ov_pairs = [(a, b, overlap_p(sets[a], sets[b], total)) for k, a in enumerate(concepts) for b in concepts[k + 1:]]
-    ov_ok = benjamini_hochberg([p for _, _, p in ov_pairs], alpha) if ov_pairs else []
+    ov_ok: Any = benjamini_hochberg([p for _, _, p in ov_pairs], alpha) if ov_pairs else []
     crossling = []
     for r in rels:
-        for c in concepts:
-            if c.startswith(f"{r}@"):
-                cmp = m.compare(f"deact:{c}@{r}", H, baseline=base[r], subset=known[r], alternative="less")
-                crossling.append({"relation": r, "neurons_from": c, "jaccard_with_en": jaccard(sets[r], sets[c]),
+        for other in concepts:
+            if other.startswith(f"{r}@"):
+                cmp = m.compare(f"deact:{other}@{r}", H, baseline=base[r], subset=known[r], alternative="less")
+                crossling.append({"relation": r, "neurons_from": other, "jaccard_with_en": jaccard(sets[r], sets[other]),
                                   "acc_known": cmp.selected, "acc_known_own": own[r].selected,
                                   "acc_known_random": own[r].random_mean, "p_vs_unmodified": cmp.p_vs_unmodified})
-    cl_ok = benjamini_hochberg([c["p_vs_unmodified"] for c in crossling], alpha) if crossling else []
+    cl_ok: Any = benjamini_hochberg([c["p_vs_unmodified"] for c in crossling], alpha) if crossling else []
     layers = {c: np.bincount([p[0] for p in sets[c]], minlength=L).tolist() for c in concepts}
 
     # --- findings -------------------------------------------------------------------------------------------
@@ -124,8 +124,8 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
     f: list[Finding] = [Finding(
         "baseline", "Baseline recall",
         f"With {'%d-shot prompts' % cfg.few_shot if cfg.few_shot else 'zero-shot templates'}, greedy decoding yields the "
-        f"whole object for {rules.pct(np.mean([v['exact_acc'] for v in bt.values()]))} of held-out facts on average "
-        f"(first token: {rules.pct(np.mean([v['first_token_acc'] for v in bt.values()]))}); {len(rels)} of {len(bt)} "
+        f"whole object for {rules.pct(float(np.mean([v['exact_acc'] for v in bt.values()])))} of held-out facts on "
+        f"average (first token: {rules.pct(float(np.mean([v['first_token_acc'] for v in bt.values()])))}); {len(rels)} of {len(bt)} "
         f"relations have at least {cfg.min_known} known facts and are evaluated.",
         rule=f"known fact: the whole object generated greedily (normalised exact match); a relation is evaluated "
              f"with >= {cfg.min_known} known facts", numbers={"evaluated": rels})]
