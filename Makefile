@@ -28,6 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/neuronatlas study relations --model default --out $(OUT)/relations
 
 test: $(STAMP)
+	$(PY) -m mypy src/neuronatlas
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)

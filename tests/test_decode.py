@@ -406,7 +406,7 @@ def test_clamp_study_on_a_tiny_model_writes_everything_and_resumes(tmp_path, mon
 
     monkeypatch.setattr(clamp_study, "generate", no_rerun)
     monkeypatch.setattr(clamp_study, "next_token_logprobs", no_rerun)
-    monkeypatch.setattr(clamp_study, "token_ranks", no_rerun)
+    monkeypatch.setattr(clamp_study, "select_concept_neurons", no_rerun)
     again = clamp_study.run_clamp_study(lm, config, tmp_path / "run", atlas=tmp_path / "atlas")
     assert again["generations"] == first["generations"] and again["logprob"] == first["logprob"]
     rows = Atlas.open(tmp_path / "atlas").read_table("selections.parquet").to_pylist()

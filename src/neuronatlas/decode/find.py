@@ -229,3 +229,4 @@ def save_selection(rows: Iterable[dict[str, Any]], path: str | Path) -> Path:
     with atomic_path(target) as tmp:
         tmp.write_text("".join(json.dumps({k: r[k] for k in keep if k in r}) + "\n" for r in items))
     return target
+
