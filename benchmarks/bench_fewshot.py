@@ -10,7 +10,7 @@ rendered ``text + target + ".\\n"``, one fixed set per relation and template), s
 baseline and 8 ablation conditions of 50 random neurons each (all positions, as the study ablates:
 the worst case for the cache, whose prefix must then be recomputed under every condition).
 
-Timed in interleaved rounds after a warm-up, in one run:
+Timed in interleaved rounds after a warm-up, in one run (the last round's scores are compared):
 
 * ``cached``: ``target_logprobs(..., prefixes=demos)`` (prefix once per condition, batches continue it);
 * ``uncached``: the same call with ``prefix_cache=False`` (the same token ids, whole prompts);
@@ -26,7 +26,9 @@ import argparse
 import os
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,19 +99,22 @@ def main() -> None:
     prompt_tokens = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     load_start = os.getloadavg()[0]
 
-    def run(cache: bool, shots: bool = True):
-        return target_logprobs(lm, prompts, targets, conditions=conds, batch_size=args.batch_size,
-                               prefixes=prefixes if shots else None, prefix_cache=cache)
+    last: dict[str, Any] = {}
 
-    # warm-up on a slice (first calls pay one-off allocations), then the agreement check
+    def run(name: str, cache: bool, shots: bool = True) -> Callable[[], None]:
+        def go() -> None:
+            last[name] = target_logprobs(lm, prompts, targets, conditions=conds, batch_size=args.batch_size,
+                                         prefixes=prefixes if shots else None, prefix_cache=cache)
+        return go
+
+    # warm-up on a slice (first calls pay one-off allocations)
     target_logprobs(lm, prompts[:4], targets[:4], conditions=conds[:2], prefixes=prefixes[:4])
     target_logprobs(lm, prompts[:4], targets[:4], conditions=conds[:2], prefixes=prefixes[:4], prefix_cache=False)
-    cached, uncached, zero = run(True), run(False), run(True, shots=False)
+    times = interleaved({"cached": run("cached", True), "uncached": run("uncached", False),
+                         "zero_shot": run("zero_shot", True, shots=False)}, args.repeats)
+    cached, uncached, zero = last["cached"], last["uncached"], last["zero_shot"]
     max_diff = float((cached.logprob - uncached.logprob).abs().max())
     same_correct = bool(torch.equal(cached.first_correct, uncached.first_correct))
-
-    times = interleaved({"cached": lambda: run(True), "uncached": lambda: run(False),
-                         "zero_shot": lambda: run(True, shots=False)}, args.repeats)
     med = {k: median(v) for k, v in times.items()}
     speedup = med["uncached"] / med["cached"]
     result = {
