@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from neuronatlas.errors import InterventionError
+from neuronatlas.evaluate.prefix import PrefixKV, continuation_batch, gather_positions, plan_prefixes, split_ids
 from neuronatlas.intervene.interventions import Condition, Intervention, intervene, normalize_conditions
 from neuronatlas.intervene.shared import forward_conditions
 from neuronatlas.models.loading import LoadedModel
@@ -68,60 +69,134 @@ class TargetScores:
 
 def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[str], *,
                     conditions: ConditionsArg = ((),), batch_size: int = 8, max_rows: int | None = None,
-                    progress: ProgressFn | None = None) -> TargetScores:
+                    progress: ProgressFn | None = None, prefixes: Sequence[str] | None = None,
+                    prefix_cache: bool = True) -> TargetScores:
     """Log-probability of each target continuation after its prompt, under every condition.
 
     ``position='last'`` interventions act on the last prompt token. Each batch of ``batch_size``
     prompts is evaluated under up to ``max_rows // batch_size`` conditions per forward pass
     (:func:`neuronatlas.intervene.forward_conditions`: the layers below the first intervened one
     run once for all of them).
+
+    ``prefixes``: prompt i is ``prefixes[i] + prompts[i]`` (e.g. few-shot demonstrations); prompts
+    sharing a prefix run it once and continue from its cached keys/values
+    (:mod:`neuronatlas.evaluate.prefix`; ``prefix_cache=False`` computes the same token ids without
+    the cache). Results stay on ``lm.device`` until the end and are returned on the CPU.
     """
     if len(prompts) != len(targets):
         raise InterventionError(f"got {len(prompts)} prompts but {len(targets)} targets; give one target per prompt")
     conds = normalize_conditions(conditions)
-    p_ids = encode_ids(lm, prompts)
     t_ids = encode_ids(lm, targets, add_special_tokens=False)
-    n, c_total = len(prompts), len(conds)
-    logprob = torch.zeros(c_total, n)
-    first_lp = torch.zeros(c_total, n)
-    first_rank = torch.zeros(c_total, n, dtype=torch.long)
-    head = torch.zeros(c_total, n, dtype=torch.bool)
-    exact = torch.zeros(c_total, n, dtype=torch.bool)
-    head_len = torch.tensor([_informative_length(lm, t) for t in t_ids])
-    for rows in batches(n, batch_size):
-        seqs = [p_ids[i] + t_ids[i] for i in rows]
-        batch = pad_ids(lm, seqs, "left")
-        width = batch["input_ids"].shape[1]
-        t_len = torch.tensor([len(t_ids[i]) for i in rows])
-        keep = int(t_len.max()) + 1  # left padding aligns ends: targets lie in the last `keep` positions
-        last_prompt = width - t_len - 1
-        # (B, Tmax) offsets into the kept window and the target ids, padded with a valid dummy
-        offs = (keep - 1 - t_len)[:, None] + torch.arange(keep - 1)[None, :]
-        valid = torch.arange(keep - 1)[None, :] < t_len[:, None]
-        offs = torch.where(valid, offs, torch.zeros_like(offs))
-        tgt = torch.zeros(len(rows), keep - 1, dtype=torch.long)
-        for j, i in enumerate(rows):
-            tgt[j, : len(t_ids[i])] = torch.tensor(t_ids[i])
-        for group_start, group in _groups(conds, max_rows, len(rows), lm):
-            logits = forward_conditions(lm, batch, group, last_index=last_prompt, logits_to_keep=keep).logits.float()
-            logp = logits.log_softmax(-1).view(len(group), len(rows), keep, -1)
-            b_idx = torch.arange(len(rows))[:, None]
-            at = logp[:, b_idx, offs]                                   # (G, B, Tmax, V)
-            lps = at.gather(-1, tgt[None, :, :, None].expand(len(group), -1, -1, 1)).squeeze(-1)
-            lps = torch.where(valid[None], lps, torch.zeros_like(lps))
-            sl = slice(group_start, group_start + len(group))
-            idx = torch.tensor(list(rows))
-            logprob[sl, idx] = lps.sum(-1)
-            first_lp[sl, idx] = lps[..., 0]
-            ranks = (at > lps[..., None]).sum(-1)                       # (G, B, Tmax)
-            first_rank[sl, idx] = ranks[..., 0]
-            wrong = (ranks > 0) & valid[None]
-            upto = torch.arange(keep - 1)[None, :] < head_len[idx][:, None]
-            head[sl, idx] = ~(wrong & upto[None]).any(-1)
-            exact[sl, idx] = ~wrong.any(-1)
+    if prefixes is None:
+        pre_ids: list[list[int]] = [[] for _ in prompts]
+        rem_ids = encode_ids(lm, prompts)
+    else:
+        pre_ids, rem_ids = split_ids(lm, prefixes, prompts)
+    res = _Results.empty(len(conds), len(prompts), lm.device)
+    head_len = [_informative_length(lm, t) for t in t_ids]
+    plain, cached = plan_prefixes(pre_ids, rem_ids, prefixes is not None and prefix_cache)
+    for prefix, rems in cached:
+        _targets_cached(lm, prefix, rems, t_ids, head_len, conds, res, batch_size, max_rows, progress)
+    for rows in batches(len(plain), batch_size):
+        idx = [plain[r] for r in rows]
+        _targets_plain(lm, [pre_ids[i] + rem_ids[i] for i in idx], idx, t_ids, head_len, conds, res, max_rows)
+        if progress:
+            progress(len(idx))
+    return res.scores(torch.tensor([len(t) for t in t_ids]))
+
+
+@dataclass
+class _Results:
+    """Outputs of :func:`target_logprobs` under construction, on the model's device."""
+
+    logprob: torch.Tensor
+    first_lp: torch.Tensor
+    first_rank: torch.Tensor
+    head: torch.Tensor
+    exact: torch.Tensor
+
+    @classmethod
+    def empty(cls, c: int, n: int, device: torch.device) -> _Results:
+        def z(dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(c, n, dtype=dtype, device=device)
+
+        return cls(z(torch.float32), z(torch.float32), z(torch.long), z(torch.bool), z(torch.bool))
+
+    def fill(self, sl: slice, idx: torch.Tensor, logp: torch.Tensor, tgt: torch.Tensor, valid: torch.Tensor,
+             head_len: torch.Tensor) -> None:
+        """Score rows ``idx`` of conditions ``sl``: ``logp`` (G, B, K, V), position k predicting ``tgt[:, k]``."""
+        g, k = logp.shape[0], logp.shape[2]
+        lps = logp.gather(-1, tgt[None, :, :, None].expand(g, -1, -1, 1)).squeeze(-1)
+        lps = torch.where(valid[None], lps, torch.zeros_like(lps))
+        self.logprob[sl, idx] = lps.sum(-1)
+        self.first_lp[sl, idx] = lps[..., 0]
+        ranks = (logp > lps[..., None]).sum(-1)                     # (G, B, K)
+        self.first_rank[sl, idx] = ranks[..., 0]
+        wrong = (ranks > 0) & valid[None]
+        upto = torch.arange(k, device=logp.device)[None, :] < head_len[:, None]
+        self.head[sl, idx] = ~(wrong & upto[None]).any(-1)
+        self.exact[sl, idx] = ~wrong.any(-1)
+
+    def scores(self, n_tokens: torch.Tensor) -> TargetScores:
+        return TargetScores(self.logprob.cpu(), self.first_lp.cpu(), self.first_rank.cpu(), n_tokens,
+                            self.head.cpu(), self.exact.cpu())
+
+
+def _target_tensors(t_lens: list[int], rows: list[int], t_ids: list[list[int]], head_len: list[int],
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices, padded target ids (B, K), their validity mask and each row's informative length."""
+    k = max(t_lens)
+    tgt = torch.tensor([t_ids[i] + [0] * (k - len(t_ids[i])) for i in rows], dtype=torch.long, device=device)
+    valid = torch.tensor([[j < t for j in range(k)] for t in t_lens], dtype=torch.bool, device=device)
+    return (torch.tensor(rows, dtype=torch.long, device=device), tgt, valid,
+            torch.tensor([head_len[i] for i in rows], device=device))
+
+
+def _targets_plain(lm: LoadedModel, p_ids: list[list[int]], rows: list[int], t_ids: list[list[int]],
+                   head_len: list[int], conds: list[Condition], res: _Results, max_rows: int | None) -> None:
+    """One left-padded batch of whole prompts (prompt + target ids), every condition."""
+    device = lm.device
+    batch = pad_ids(lm, [p + t_ids[i] for p, i in zip(p_ids, rows)], "left")
+    width = batch["input_ids"].shape[1]
+    t_lens = [len(t_ids[i]) for i in rows]
+    keep = max(t_lens) + 1  # left padding aligns ends: targets lie in the last `keep` positions
+    last_prompt = torch.tensor([width - t - 1 for t in t_lens], device=device)
+    # (B, K) offsets into the kept window, padded with a valid dummy
+    offs = torch.tensor([[keep - 1 - t + j if j < t else 0 for j in range(keep - 1)] for t in t_lens], device=device)
+    idx, tgt, valid, hl = _target_tensors(t_lens, rows, t_ids, head_len, device)
+    b_idx = torch.arange(len(rows), device=device)[:, None]
+    for start, group in _groups(conds, max_rows, len(rows), lm):
+        logits = forward_conditions(lm, batch, group, last_index=last_prompt, logits_to_keep=keep).logits.float()
+        logp = logits.log_softmax(-1).view(len(group), len(rows), keep, -1)[:, b_idx, offs]   # (G, B, K, V)
+        res.fill(slice(start, start + len(group)), idx, logp, tgt, valid, hl)
+
+
+def _targets_cached(lm: LoadedModel, prefix: list[int], rems: dict[int, list[int]], t_ids: list[list[int]],
+                    head_len: list[int], conds: list[Condition], res: _Results, batch_size: int,
+                    max_rows: int | None, progress: ProgressFn | None) -> None:
+    """Rows ``rems`` (row -> ids after the prefix) sharing ``prefix``: the prefix runs once per
+    prefix variant, every batch continues it."""
+    device = lm.device
+    kv = PrefixKV.compute(lm, prefix, conds)
+    order = sorted(rems, key=lambda i: len(rems[i]) + len(t_ids[i]))   # similar lengths pad less
+    for chunk in batches(len(order), batch_size):
+        rows = [order[r] for r in chunk]
+        batch = continuation_batch(lm, len(prefix), [rems[i] + t_ids[i] for i in rows])
+        t_lens = [len(t_ids[i]) for i in rows]
+        last = [len(rems[i]) - 1 for i in rows]
+        # position last + k predicts target token k; padded slots read a valid dummy position
+        pos = torch.tensor([[p + j if j < t else p for j in range(max(t_lens))] for p, t in zip(last, t_lens)],
+                           device=device)
+        idx, tgt, valid, hl = _target_tensors(t_lens, rows, t_ids, head_len, device)
+        last_t = torch.tensor(last, device=device)
+        for start, group in _groups(conds, max_rows, len(rows), lm):
+            with gather_positions(lm, pos.repeat(len(group), 1)):
+                logits = forward_conditions(lm, batch, group, last_index=last_t, past=kv,
+                                            past_variants=kv.variant_of[start:start + len(group)]).logits.float()
+            logp = logits.log_softmax(-1).view(len(group), len(rows), pos.shape[1], -1)
+            res.fill(slice(start, start + len(group)), idx, logp, tgt, valid, hl)
         if progress:
             progress(len(rows))
-    return TargetScores(logprob, first_lp, first_rank, torch.tensor([len(t) for t in t_ids]), head, exact)
 
 
 def _informative_length(lm: LoadedModel, ids: Sequence[int]) -> int:
@@ -142,24 +217,49 @@ def _groups(conds: list[Condition], max_rows: int | None, batch_rows: int,
 
 
 def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], *, conditions: ConditionsArg = ((),),
-                        batch_size: int = 16, max_rows: int | None = None) -> torch.Tensor:
-    """Full next-token log-distribution, shape (conditions, prompts, vocab). Mind the memory."""
+                        batch_size: int = 16, max_rows: int | None = None, prefixes: Sequence[str] | None = None,
+                        prefix_cache: bool = True) -> torch.Tensor:
+    """Full next-token log-distribution, shape (conditions, prompts, vocab), built on ``lm.device``
+    and returned on the CPU. Mind the memory. ``prefixes``: as in :func:`target_logprobs`."""
     conds = normalize_conditions(conditions)
-    out = torch.zeros(len(conds), len(prompts), lm.model.config.vocab_size if lm.model.get_output_embeddings() is None
-                      else lm.model.get_output_embeddings().weight.shape[0])
-    for rows in batches(len(prompts), batch_size):
-        batch = encode(lm, [prompts[i] for i in rows], padding_side="left")
+    head = lm.model.get_output_embeddings()
+    vocab = lm.model.config.vocab_size if head is None else head.weight.shape[0]
+    out = torch.zeros(len(conds), len(prompts), vocab, device=lm.device)
+    if prefixes is None:
+        pre_ids: list[list[int]] = [[] for _ in prompts]
+        rem_ids = encode_ids(lm, prompts)
+    else:
+        pre_ids, rem_ids = split_ids(lm, prefixes, prompts)
+    plain, cached = plan_prefixes(pre_ids, rem_ids, prefixes is not None and prefix_cache)
+    for prefix, rems in cached:
+        kv = PrefixKV.compute(lm, prefix, conds)
+        order = sorted(rems, key=lambda i: len(rems[i]))
+        for chunk in batches(len(order), batch_size):
+            rows = [order[r] for r in chunk]
+            batch = continuation_batch(lm, len(prefix), [rems[i] for i in rows])
+            last = torch.tensor([len(rems[i]) - 1 for i in rows], device=lm.device)
+            idx = torch.tensor(rows, device=lm.device)
+            for start, group in _groups(conds, max_rows, len(rows), lm):
+                with gather_positions(lm, last.repeat(len(group))[:, None]):
+                    logits = forward_conditions(lm, batch, group, last_index=last, past=kv,
+                                                past_variants=kv.variant_of[start:start + len(group)]).logits
+                logp = logits[:, 0].float().log_softmax(-1).view(len(group), len(rows), -1)
+                out[start:start + len(group), idx] = logp[..., :vocab]
+    for chunk in batches(len(plain), batch_size):
+        rows = [plain[r] for r in chunk]
+        batch = pad_ids(lm, [pre_ids[i] + rem_ids[i] for i in rows], "left")
+        idx = torch.tensor(rows, device=lm.device)
         for start, group in _groups(conds, max_rows, len(rows), lm):
             logits = forward_conditions(lm, batch, group, logits_to_keep=1).logits[:, -1].float()
             logp = logits.log_softmax(-1).view(len(group), len(rows), -1)
-            out[start:start + len(group), rows.start:rows.stop] = logp[..., :out.shape[-1]]
-    return out
+            out[start:start + len(group), idx] = logp[..., :vocab]
+    return out.cpu()
 
 
 def next_token_topk(lm: LoadedModel, prompts: Sequence[str], *, k: int = 10, conditions: ConditionsArg = ((),),
-                    batch_size: int = 16) -> list[list[list[tuple[str, float]]]]:
+                    batch_size: int = 16, prefixes: Sequence[str] | None = None) -> list[list[list[tuple[str, float]]]]:
     """Top-k next tokens with probabilities: ``[condition][prompt] -> [(token, prob), ...]``."""
-    logp = next_token_logprobs(lm, prompts, conditions=conditions, batch_size=batch_size)
+    logp = next_token_logprobs(lm, prompts, conditions=conditions, batch_size=batch_size, prefixes=prefixes)
     values, ids = logp.exp().topk(k, dim=-1)
     return [[[(lm.tokenizer.decode([int(t)]), float(p)) for t, p in zip(ids[c, i], values[c, i])]
              for i in range(len(prompts))] for c in range(logp.shape[0])]

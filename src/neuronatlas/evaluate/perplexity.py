@@ -72,15 +72,16 @@ def text_nll(lm: LoadedModel, texts: Sequence[str], *, conditions: ConditionsArg
         raise InterventionError("no conditions given; pass [()] for the unmodified model")
     ids = encode_ids(lm, texts, max_length=max_length) if len(texts) else []
     n_tokens = torch.tensor([max(len(x) - 1, 0) for x in ids], dtype=torch.long)
-    nll = torch.zeros(len(conds), len(texts), dtype=torch.float64)
+    nll = torch.zeros(len(conds), len(texts), dtype=torch.float64, device=lm.device)  # stays there until the end
     scored = sorted((i for i in range(len(ids)) if len(ids[i]) >= 2), key=lambda i: (len(ids[i]), i))
     n_forwards = 0
     for start in range(0, len(scored), batch_size):
         rows = scored[start:start + batch_size]
         batch = pad_ids(lm, [ids[i] for i in rows], "right")
         B, width = batch["input_ids"].shape
-        targets = batch["input_ids"][:, 1:]
-        valid = batch["attention_mask"][:, 1:].bool()
+        targets = batch["input_ids"][:, 1:].to(lm.device)
+        valid = batch["attention_mask"][:, 1:].bool().to(lm.device)
+        idx = torch.tensor(rows, dtype=torch.long, device=lm.device)
         per_pass = max(1, max_tokens // (B * width))
         for c0 in range(0, len(conds), per_pass):
             group = conds[c0:c0 + per_pass]
@@ -89,11 +90,11 @@ def text_nll(lm: LoadedModel, texts: Sequence[str], *, conditions: ConditionsArg
             for g in range(len(group)):
                 lg = logits[g * B:(g + 1) * B, :-1].float()
                 tok_nll = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.to(lg.device).reshape(-1),
-                                          reduction="none").view(B, width - 1).cpu()
-                nll[c0 + g, rows] = (tok_nll * valid).sum(1).double()
+                                          reduction="none").view(B, width - 1)
+                nll[c0 + g, idx] = (tok_nll * valid.to(lg.device)).sum(1).double().to(nll.device)
             del logits
         if progress:
             progress(len(rows))
     if progress and len(scored) < len(texts):
         progress(len(texts) - len(scored))
-    return PerplexityResult(nll, n_tokens, n_forwards)
+    return PerplexityResult(nll.cpu(), n_tokens, n_forwards)

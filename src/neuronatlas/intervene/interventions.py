@@ -148,31 +148,35 @@ class _Op:
     last: bool
 
 
-def _ops_for(iv: Intervention, layer: int, n_neurons: int) -> _Op | None:
+def _ops_for(iv: Intervention, layer: int, n_neurons: int, device: torch.device | None = None) -> _Op | None:
+    """The op ``iv`` applies at ``layer``, its tensors built once on ``device`` (the model's), so no
+    forward pass copies them again."""
     if isinstance(iv, Steer):
         if iv.layer != layer:
             return None
         if len(iv.direction) != n_neurons:
             raise InterventionError(f"Steer direction has {len(iv.direction)} values; layer {layer} has {n_neurons} neurons")
-        return _Op("add", None, iv.alpha * torch.tensor(iv.direction), iv.position == "last")
+        return _Op("add", None, iv.alpha * torch.tensor(iv.direction, device=device), iv.position == "last")
     per_layer = iv.neurons.by_layer()
     if layer not in per_layer:
         return None
     wanted = per_layer[layer]
-    idx = torch.tensor(wanted, dtype=torch.long)
-    if int(idx.max()) >= n_neurons:
-        raise InterventionError(f"neuron L{layer}:{int(idx.max())} is out of range; layers have {n_neurons} neurons")
+    if max(wanted) >= n_neurons:
+        raise InterventionError(f"neuron L{layer}:{max(wanted)} is out of range; layers have {n_neurons} neurons")
+    idx = torch.tensor(wanted, dtype=torch.long, device=device)
     # positions of this layer's neurons in the set's order, for per-neuron values
     order = [i for i, (lay, _) in enumerate(iv.neurons.pairs) if lay == layer]
     last = iv.position == "last"
     if isinstance(iv, Ablate):
-        vals = torch.zeros(len(wanted)) if iv.mode == "zero" else torch.tensor([iv.values[i] for i in order])  # type: ignore[index]
+        vals = (torch.zeros(len(wanted), device=device) if iv.mode == "zero"
+                else torch.tensor([iv.values[i] for i in order], device=device))  # type: ignore[index]
         return _Op("set", idx, vals, last)
     if isinstance(iv, Clamp):
         value = iv.value
-        vals = torch.full((len(wanted),), value) if isinstance(value, float) else torch.tensor([value[i] for i in order])
+        vals = (torch.full((len(wanted),), value, device=device) if isinstance(value, float)
+                else torch.tensor([value[i] for i in order], device=device))
         return _Op("set", idx, vals, last)
-    return _Op("scale", idx, torch.tensor(float(iv.factor)), last)
+    return _Op("scale", idx, torch.tensor(float(iv.factor), device=device), last)
 
 
 def _apply(op: _Op, hs: torch.Tensor, last_index: torch.Tensor | None) -> None:
@@ -225,7 +229,7 @@ def intervene(lm: LoadedModel, conditions: Sequence[Intervention | Sequence[Inte
                         continue
                     layers = [iv.layer] if isinstance(iv, Steer) else iv.neurons.layers
                     for layer in layers:
-                        op = _ops_for(iv, layer, n)
+                        op = _ops_for(iv, layer, n, lm.device)
                         if op is not None:
                             plan.setdefault(layer, []).append((c, op))
             if not plan:

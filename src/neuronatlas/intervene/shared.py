@@ -12,12 +12,17 @@ rounding (matrix products on B rather than C x B rows).
     >>> from neuronatlas.intervene.shared import forward_conditions
     >>> conds = [(), (Ablate(NeuronSet.parse("L12:1-50")),), (Clamp(NeuronSet.parse("L20:7"), 5.0),)]
     >>> out = forward_conditions(lm, batch, conds, logits_to_keep=1)   # logits of 3 x B rows; layers 0-11 run once
+
+``past`` continues every row from cached keys/values of a shared prefix (see
+:mod:`neuronatlas.evaluate.prefix`): the shared pass continues the clean prefix (variant 0), which
+every condition shares below its first intervened layer; the full pass continues, for condition c,
+the prefix variant ``past_variants[c]`` (the prefix as computed under c's all-position interventions).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -26,7 +31,16 @@ from neuronatlas.intervene.interventions import Condition, Intervention, Steer, 
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record.batching import forward, forward_through, repeat_batch
 
-__all__ = ["first_intervened_layer", "forward_conditions"]
+__all__ = ["first_intervened_layer", "forward_conditions", "PastSource"]
+
+
+class PastSource(Protocol):
+    """Cached keys/values of a prefix, one stored row per prefix variant (row 0: the unmodified model)."""
+
+    def model_kwargs(self, variants: Sequence[int], rows: int) -> dict[str, Any]:
+        """Model arguments (a fresh cache) for ``len(variants)`` blocks of ``rows`` rows, block b
+        continuing variant ``variants[b]``."""
+        ...
 
 
 def first_intervened_layer(conditions: Sequence[Condition], n_layers: int) -> int:
@@ -69,26 +83,37 @@ def _repeat(obj: Any, rows: int, times: int) -> Any:
 
 def forward_conditions(lm: LoadedModel, batch: dict[str, torch.Tensor],
                        conditions: Sequence[Intervention | Sequence[Intervention]], *,
-                       last_index: torch.Tensor | None = None, share_prefix: bool = True, **kwargs: Any) -> Any:
+                       last_index: torch.Tensor | None = None, share_prefix: bool = True,
+                       past: PastSource | None = None, past_variants: Sequence[int] | None = None,
+                       **kwargs: Any) -> Any:
     """The model's output on ``batch`` repeated once per condition (rows condition-major), each block
     under its condition; ``kwargs`` go to the model (e.g. ``logits_to_keep``). ``share_prefix=False``
-    runs the plain repeated pass."""
+    runs the plain repeated pass. ``past``: continue from a cached prefix (``batch``'s attention mask
+    then covers prefix and new tokens); ``past_variants``: the prefix variant of each condition
+    (default: 0, the clean prefix, for all)."""
     conds = normalize_conditions(conditions)
     rows = batch["input_ids"].shape[0]
     first = min(first_intervened_layer(conds, lm.n_layers), lm.n_layers - 1)
+    variants = list(past_variants) if past_variants is not None else [0] * len(conds)
+
+    def full_pass() -> Any:
+        extra = past.model_kwargs(variants, rows) if past is not None else {}
+        return forward(lm, repeat_batch(batch, len(conds)), **extra, **kwargs)
+
     with intervene(lm, conds, rows_per_condition=rows, last_index=last_index):
         if not share_prefix or len(conds) == 1 or first == 0:
-            return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
+            return full_pass()
         module_list = lm.spec.layer_container(lm.model)
-        output = forward_through(lm, batch, first - 1)
+        # below `first` no condition acts, so every condition's prefix keys/values equal the clean ones
+        output = forward_through(lm, batch, first - 1, **(past.model_kwargs([0], rows) if past is not None else {}))
         if output is None:         # the model never reached the layer: fall back to the plain pass
-            return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
+            return full_pass()
         shared = _repeat(output, rows, len(conds))
         originals = [module_list[i] for i in range(first)]
         try:
             for i in range(first):
                 module_list[i] = _Replay(originals[i], shared)
-            return forward(lm, repeat_batch(batch, len(conds)), **kwargs)
+            return full_pass()
         finally:
             for i, original in enumerate(originals):
                 module_list[i] = original

@@ -79,10 +79,11 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (see :func:`forward_through`)."""
 
 
-def forward_through(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int | None = None) -> Any:
+def forward_through(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int | None = None, **kwargs: Any) -> Any:
     """Run ``batch`` through layers 0..``layer`` (default: the last) and stop there: no final norm,
     no unembedding. Recording needs nothing after the last hooked layer, and the unembedding alone
-    is a fifth of SmolLM2's per-token work. Returns that layer's output."""
+    is a fifth of SmolLM2's per-token work. Returns that layer's output; ``kwargs`` go to the model
+    (e.g. a key/value cache to continue from)."""
     layers = lm.spec.layer_modules(lm.model)
     captured: list[Any] = []
 
@@ -92,7 +93,7 @@ def forward_through(lm: LoadedModel, batch: dict[str, torch.Tensor], layer: int 
 
     handle = layers[lm.n_layers - 1 if layer is None else layer].register_forward_hook(stop)
     try:
-        forward(lm, batch)
+        forward(lm, batch, **kwargs)
     except StopForward:
         pass
     finally:
