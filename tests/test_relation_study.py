@@ -144,3 +144,29 @@ def test_identification_never_uses_the_test_template_and_user_split_names():
     with pytest.raises(DatasetError, match=r"languages \['en'\]"):
         _split_facts(_facts(), RelationStudyConfig(langs=("de",)))
     assert facts_languages([{"lang": "fr"}, {"lang": "en"}, {"lang": "de"}]) == ("en", "de", "fr")
+
+
+def test_few_shot_demonstrations_are_one_fixed_prefix_per_relation_and_template(tmp_path):
+    from neuronatlas.studies.relations import _split_facts, _with_demos
+
+    cfg = RelationStudyConfig(langs=("en",))
+    _, test, demos = _split_facts(_facts(("identify", "test")), cfg)
+    prompts, prefixes = _with_demos(test, demos, 2, seed=0)
+    for rel, rows in test.items():
+        assert prompts[rel] == [r["text"] for r in rows]
+        assert len(set(prefixes[rel])) == 1 and prefixes[rel][0].count("\n") == 2
+        assert all(d.split(" is")[0].startswith(rel) for d in prefixes[rel][0].splitlines())
+    assert _with_demos(test, demos, 0, seed=0)[1]["r1"] == [""] * len(test["r1"])
+    # the study evaluates few-shot prompts through the prefix cache, equal to the uncached scores
+    lm = tiny_model("llama")
+    few = RelationStudyConfig(langs=("en",), few_shot=2, n_random=1, grid=(0.5,), min_known=0, select_n=4,
+                              max_identify_facts=3, max_test_facts=3)
+    res = run_relation_study(lm, tmp_path / "fs", few, facts=_facts(("identify", "test")))
+    from neuronatlas.evaluate import target_logprobs
+
+    state = json.loads((tmp_path / "fs/state.json").read_text())["data"]
+    rows = test["r1"][:3]
+    plain = target_logprobs(lm, [prefixes["r1"][0] + r["text"] for r in rows], [r["target"] for r in rows])
+    cached = state["arm|baseline|r1"]["logprob"]
+    assert len(cached) == len(test["r1"]) and res["baseline_table"]["r1"]["facts"] == len(test["r1"])
+    np.testing.assert_allclose(cached[:3], plain.logprob[0].tolist(), atol=1e-3)

@@ -98,7 +98,7 @@ class _LanguageScorer:
         _check_rate("top_rate", self.top_rate)
         _check_rate("filter_rate", self.filter_rate)
         _check_rate("activation_bar_ratio", self.activation_bar_ratio)
-        p = np.array(act_prob, dtype=np.float64)
+        p = np.array(act_prob.numpy() if hasattr(act_prob, "numpy") else act_prob, dtype=np.float64)
         if p.ndim == 2:
             p = p[:, None, :]
         if p.ndim != 3:

@@ -164,21 +164,27 @@ def facts_languages(facts: Sequence[dict[str, Any]]) -> tuple[str, ...]:
     return tuple(sorted(langs, key=lambda x: (x != "en", x)))
 
 
-def _with_demos(test: dict[str, list[dict]], demo_rows: list[dict], k: int, seed: int) -> dict[str, list[str]]:
-    """Evaluation prompts; with ``k`` > 0 each gets k demonstrations of its relation (same template)."""
-    out: dict[str, list[str]] = {}
+def _with_demos(test: dict[str, list[dict]], demo_rows: list[dict], k: int, seed: int
+                ) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """(prompts, prefixes) per relation. With ``k`` > 0 every test prompt of a (relation, template)
+    gets the same k demonstrations of that relation rendered with that template (so their keys and
+    values are computed once: see :mod:`neuronatlas.evaluate.prefix`); the prefix is empty otherwise."""
     pool: dict[tuple[str, int], list[dict]] = defaultdict(list)
     for r in demo_rows:
         pool[(r["relation"], int(r.get("template_id", 0)))].append(r)
+    prompts: dict[str, list[str]] = {}
+    prefixes: dict[str, list[str]] = {}
     for rel, rows in test.items():
-        rng = random.Random(f"{seed}:{rel}")
-        prompts = []
+        fixed: dict[int, str] = {}
         for r in rows:
-            cands = sorted(pool[(rel, int(r.get("template_id", 0)))], key=lambda d: d["fact_id"])
-            demos = rng.sample(cands, min(k, len(cands))) if k else []
-            prompts.append("".join(f"{d['text']}{d['target']}.\n" for d in demos) + r["text"])
-        out[rel] = prompts
-    return out
+            tid = int(r.get("template_id", 0))
+            if tid not in fixed:
+                cands = sorted(pool[(rel, tid)], key=lambda d: d["fact_id"])
+                demos = random.Random(f"{seed}:{rel}:{tid}").sample(cands, min(k, len(cands))) if k else []
+                fixed[tid] = "".join(f"{d['text']}{d['target']}.\n" for d in demos)
+        prompts[rel] = [r["text"] for r in rows]
+        prefixes[rel] = [fixed[int(r.get("template_id", 0))] for r in rows]
+    return prompts, prefixes
 
 
 def _flat_order(ns: NeuronSet, score: np.ndarray, n_neurons: int) -> list[tuple[int, int]]:
@@ -250,7 +256,8 @@ class RelationStudy(Study[RelationStudyConfig]):
                         "ap_max": float(fitted["ap"].scores_[c].max()),
                         "ap_base_rate": float(fitted["ap"].base_rate_[c])}  # type: ignore[attr-defined]
         ctx.bins = magnitude_bins(np.abs(rec.pooled.astype(np.float32)).mean(axis=0))
-        ctx.data.update(test=test, prompts=_with_demos(test, demos, cfg.few_shot, cfg.seed), agreement=agreement,
+        prompts_, prefixes = _with_demos(test, demos, cfg.few_shot, cfg.seed)
+        ctx.data.update(test=test, prompts=prompts_, prefixes=prefixes, agreement=agreement,
                         n_select=n_select, identify_prompts=len(prompts), record=rec,
                         unscored=sorted({concept_name(r["relation"], r["lang"]) for r in ident} - set(sel.ranked)),
                         medians=_median_positive(rec, sel) if cfg.mode == "median" else {})
@@ -317,8 +324,10 @@ class RelationStudy(Study[RelationStudyConfig]):
         idx = list(arms[0].subset) if arms[0].subset is not None else list(range(len(rows)))
         if not idx:
             return {a.key: {"first": [], "exact": [], "logprob": []} for a in arms}
+        prefixes = ctx.data["prefixes"][items] if ctx.config.few_shot else None
         got = target_logprobs(ctx.lm, [prompts[i] for i in idx], [rows[i]["target"] for i in idx],
-                              conditions=[a.condition for a in arms], batch_size=ctx.config.batch_size)
+                              conditions=[a.condition for a in arms], batch_size=ctx.config.batch_size,
+                              prefixes=[prefixes[i] for i in idx] if prefixes is not None else None)
         return {a.key: {"first": got.first_correct[k].int().tolist(), "exact": got.exact[k].int().tolist(),
                         "logprob": [round(v, 5) for v in got.logprob[k].tolist()]} for k, a in enumerate(arms)}
 
