@@ -85,3 +85,22 @@ def test_scorer_errors():
         average_precision(torch.zeros(3, 2), torch.zeros(3, dtype=torch.bool))
     with pytest.raises(DatasetError, match="one label per prompt"):
         APScorer().fit(np.zeros((3, 2)), [0, 1])
+
+
+def test_smd_averages_pseudo_replicates_per_group_before_testing():
+    from scipy import stats
+
+    from neuronatlas.stats.scorers import SMDScorer
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 1, 5))
+    x[:6] += 1.0
+    labels = np.array([0] * 6 + [1] * 6)
+    groups = [f"f{i // 2}" for i in range(12)]          # each fact filled into two templates
+    smd = SMDScorer().fit(x, labels, groups=groups)
+    means = x.reshape(6, 2, 5).mean(axis=1)
+    want = stats.ttest_ind(means[:3], means[3:], axis=0, equal_var=False).pvalue
+    np.testing.assert_allclose(smd.p_[0], want)
+    assert smd.n_items_ == 6
+    with pytest.raises(Exception, match="two concepts"):
+        SMDScorer().fit(x, labels, groups=["g"] * 12)

@@ -120,9 +120,12 @@ class ConceptScorer:
     layout_: tuple[int, int]
     component: str = "mlp"
 
-    def fit_record(self, rec: Any, concepts: Sequence[str] | None = None) -> "ConceptScorer":
+    def fit_record(self, rec: Any, concepts: Sequence[str] | None = None,
+                   groups: Sequence[Any] | None = None) -> "ConceptScorer":
         """Fit on a :class:`~neuronatlas.record.RecordResult`: its pooled responses of the prompts
-        labelled with one of ``concepts`` (default all labels), each concept against the others."""
+        labelled with one of ``concepts`` (default all labels), each concept against the others.
+        ``groups`` (one id per recorded prompt, e.g. the fact a template was filled with) marks
+        pseudo-replicates; scorers that test (SMD) average each group before testing."""
         if rec.pooled is None:
             raise DatasetError(f"record {rec.name!r} kept no pooled responses; record it with pooled responses")
         names = list(concepts) if concepts is not None else list(rec.labels)
@@ -133,7 +136,10 @@ class ConceptScorer:
         rows = [i for i, lab in enumerate(np.asarray(rec.prompt_labels)) if int(lab) in index]
         labels = np.array([index[int(rec.prompt_labels[i])] for i in rows])
         self.component = rec.config.component
-        self.fit(rec.pooled[rows].astype(np.float32), labels)  # type: ignore[attr-defined]
+        if groups is not None and isinstance(self, SMDScorer):
+            self.fit(rec.pooled[rows].astype(np.float32), labels, groups=[groups[i] for i in rows])
+        else:
+            self.fit(rec.pooled[rows].astype(np.float32), labels)  # type: ignore[attr-defined]
         self.concepts_ = names
         return self
 
@@ -204,17 +210,23 @@ class APScorer(ConceptScorer):
 
 class SMDScorer(ConceptScorer):
     """Standardised mean difference (Cohen's d, pooled SD) of concept vs other prompts per neuron,
-    with Welch's t-test p-values and Benjamini-Hochberg control over all neurons of a concept."""
+    with Welch's t-test p-values and Benjamini-Hochberg control over all neurons of a concept.
+    With ``groups`` (e.g. one fact filled into several templates), the responses of each group are
+    averaged first, so pseudo-replicates count once."""
 
     def __init__(self, alpha: float = 0.05) -> None:
         self.alpha = alpha
 
-    def fit(self, responses: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray) -> "SMDScorer":
+    def fit(self, responses: np.ndarray | torch.Tensor, labels: Sequence[int] | np.ndarray,
+            groups: Sequence[Any] | None = None) -> "SMDScorer":
         from scipy import stats
 
         x, self.layout_ = _layout(np.asarray(responses, dtype=np.float64))
         lab, k = _labels_matrix(labels)
         labs = lab.numpy()
+        if groups is not None:
+            x, labs = _group_means(x, labs, groups)
+        self.n_items_ = int(len(labs))
         d, p, sig = [], [], []
         for c in range(k):
             a, b = x[labs == c], x[labs != c]
@@ -254,3 +266,22 @@ def _lape(**params: Any) -> ConceptScorer:
 
 
 SCORERS: dict[str, Callable[..., ConceptScorer]] = {"ap": APScorer, "smd": SMDScorer, "lape": _lape}
+
+
+def _group_means(x: np.ndarray, labels: np.ndarray, groups: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Average the rows of each group; every group must carry one label."""
+    if len(groups) != len(labels):
+        raise DatasetError(f"got {len(groups)} group ids for {len(labels)} prompts; give one per prompt")
+    order: dict[Any, int] = {}
+    for g in groups:
+        order.setdefault(g, len(order))
+    idx = np.array([order[g] for g in groups])
+    sums = np.zeros((len(order), x.shape[1]))
+    np.add.at(sums, idx, x)
+    counts = np.bincount(idx, minlength=len(order))
+    glab = np.full(len(order), -1)
+    for i, g in enumerate(idx):
+        if glab[g] not in (-1, labels[i]):
+            raise DatasetError(f"group {groups[i]!r} has prompts of two concepts; a group must be one concept's")
+        glab[g] = labels[i]
+    return sums / counts[:, None], glab

@@ -222,6 +222,7 @@ class RelationStudy(Study[RelationStudyConfig]):
         prompts = PromptSet.from_rows([{"text": r["text"], "label": concept_name(r["relation"], r["lang"]),
                                         "target": r["target"], "subject": r.get("subject"), "lang": r["lang"],
                                         "split": "identify"} for r in ident], source="relation facts")
+        facts_of = [r["fact_id"] for r in ident]
         with ctx.phase("record"):
             rec = record(lm, prompts, ctx.store, name="relations",
                          config=RecordConfig(component=Component(cfg.site), pool=cfg.pool, batch_size=32, top_k=10),
@@ -239,7 +240,8 @@ class RelationStudy(Study[RelationStudyConfig]):
                 continue        # a language with a single relation has no negatives
             compare = lang == cfg.eval_lang
             names = [cfg.scorer] + ([n for n in ("ap", "smd", "lape") if n != cfg.scorer] if compare else [])
-            fitted = {n: scorer(n).fit_record(rec, local) for n in names}
+            # templates of one fact are pseudo-replicates: scorers that test (SMD) average them per fact
+            fitted = {n: scorer(n).fit_record(rec, local, groups=facts_of) for n in names}
             main = fitted[cfg.scorer]
             for c, concept in enumerate(local):
                 flat = np.asarray(main.scores_[c], dtype=np.float64)
