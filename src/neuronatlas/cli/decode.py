@@ -24,6 +24,8 @@ from neuronatlas.cli.common import (
     emit,
     err_console,
     load_model_cli,
+    out_dir,
+    out_file,
     progress_bar,
 )
 
@@ -31,7 +33,7 @@ __all__ = ["register", "register_study"]
 
 SidesOpt = Annotated[str, typer.Option(help="comma-separated sides: out, out_normed, in_up, in_gate (gated MLPs), "
                                             "in (non-gated); default all the model has")]
-ChunkOpt = Annotated[int, typer.Option(help="rows (neuron vectors) per matmul; memory ~ chunk x vocab x 4 bytes")]
+ChunkOpt = Annotated[int, typer.Option(min=1, help="rows (neuron vectors) per matmul; memory ~ chunk x vocab x 4 bytes")]
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -52,10 +54,17 @@ def _layers(text: str | None) -> list[int] | None:
     return out
 
 
+def _clamp_value(text: str) -> str:
+    from neuronatlas.intervene.parse import parse_value
+
+    parse_value(text, kind="clamp", context=f"--value {text}")
+    return text
+
+
 def decode_cmd(
-    out: Annotated[Path, typer.Option(help="atlas directory (created if missing)")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="atlas directory (created if missing)")],
     model: ModelOpt = "default",
-    top_k: Annotated[int, typer.Option("--top-k", help="top and bottom tokens kept per neuron and side")] = 20,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="top and bottom tokens kept per neuron and side")] = 20,
     chunk: ChunkOpt = 512,
     sides: SidesOpt = "",
     layers: Annotated[str, typer.Option(help="layers to decode, e.g. 0-5,12 (default all)")] = "",
@@ -94,9 +103,9 @@ def find_cmd(
     text: Annotated[str | None, typer.Option(help="a word: matches all its token variants (space, case, plural)")] = None,
     side: Annotated[str, typer.Option(help="out_normed (default), out, in_up, in_gate, in, or all")] = "out_normed",
     direction: Annotated[str, typer.Option(help="top (promoted tokens) or bottom (suppressed)")] = "top",
-    limit: int = 20,
+    limit: Annotated[int, typer.Option(min=1, help="neurons listed")] = 20,
     record: Annotated[str | None, typer.Option(help="record for activation evidence (default: the first)")] = None,
-    save: Annotated[Path | None, typer.Option(help="write the hits as a JSONL selection file for @FILE")] = None,
+    save: Annotated[Path | None, typer.Option(parser=out_file, help="write the hits as a JSONL selection file for @FILE")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Neurons whose decoded tokens contain a token or word, with recorded activation evidence."""
@@ -133,7 +142,7 @@ def compare_decode_cmd(
     dtype_b: Annotated[str, typer.Option("--dtype-b", help="dtype of --model-b")] = "float32",
     sides: SidesOpt = "",
     chunk: ChunkOpt = 512,
-    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
+    out: Annotated[Path | None, typer.Option(parser=out_file, help="also write the result as JSON here")] = None,
     device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
     """Fraction of neurons whose top decoded token agrees between two checkpoints, per side and layer."""
@@ -163,16 +172,16 @@ def compare_decode_cmd(
 
 def clamp_study_cmd(
     concept: Annotated[str, typer.Option(help="the concept word, e.g. dog")],
-    out: Annotated[Path, typer.Option(help="study output directory")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="study output directory")],
     model: ModelOpt = "default",
-    neurons: Annotated[int, typer.Option("--neurons", help="how many decoded neurons to clamp")] = 10,
-    value: Annotated[str, typer.Option(help="clamp value: a number (10) or a multiple of the recorded max (3xmax)")] = "3xmax",
-    seeds: Annotated[int, typer.Option(help="random layer-matched control sets")] = 3,
+    neurons: Annotated[int, typer.Option("--neurons", min=1, help="how many decoded neurons to clamp")] = 10,
+    value: Annotated[str, typer.Option(parser=_clamp_value, help="clamp value: a number (10) or a multiple of the recorded max (3xmax)")] = "3xmax",
+    seeds: Annotated[int, typer.Option(min=1, help="random layer-matched control sets")] = 3,
     side: Annotated[str, typer.Option(help="decoded side used to pick neurons: out_normed or out")] = "out_normed",
     atlas: Annotated[Path | None, typer.Option(help="atlas to record into and to add selections.parquet rows to")] = None,
-    max_new_tokens: int = 24,
-    n_prompts: Annotated[int, typer.Option(help="how many of the built-in neutral prompts to use")] = 20,
-    n_texts: Annotated[int, typer.Option(help="corpus sentences per group (concept / other) for activations")] = 60,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per prompt")] = 24,
+    n_prompts: Annotated[int, typer.Option(min=1, help="how many of the built-in neutral prompts to use")] = 20,
+    n_texts: Annotated[int, typer.Option(min=1, help="corpus sentences per group (concept / other) for activations")] = 60,
     layers: Annotated[str, typer.Option(help="restrict the search to layers, e.g. 10-29 (default all)")] = "",
     seed: int = 0,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,

@@ -65,6 +65,9 @@ def atomic_path(target: Path) -> Iterator[Path]:
     An OSError (full disk, file size limit, read-only file system) becomes one AtlasError line and
     leaves ``target`` as it was.
     """
+    from neuronatlas.store.output import check_write_target
+
+    check_write_target(target)
     tmp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
