@@ -245,7 +245,13 @@ class Atlas:
 
         target = self.file(relpath)
         with atomic_path(target) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+            try:
+                save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+            except Exception as exc:  # safetensors reports a failed write (EFBIG, ENOSPC) as SafetensorError
+                code = re.search(r"os error (\d+)", str(exc))
+                if isinstance(exc, OSError) or code is None:
+                    raise
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from exc
         return target
 
     def read_arrays(self, relpath: str) -> dict[str, np.ndarray]:
