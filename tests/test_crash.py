@@ -142,7 +142,7 @@ def snapshot(out: Path) -> dict[str, object]:
         elif path.suffix == ".safetensors":
             result[rel] = {k: v.tobytes() for k, v in load_file(path).items()}
         elif path.suffix == ".json":
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text().replace(json.dumps(str(out))[1:-1], "OUT"))
             if rel.endswith("manifest.json"):
                 data = {k: v for k, v in data.items() if k not in ("created",)}
             result[rel] = strip(data)

@@ -40,7 +40,7 @@ def parse_value(value_text: str, *, kind: str = "clamp", context: str | None = N
         hint = ", or a multiple of the recorded max such as 3xmax" if kind == "clamp" else ""
         raise SelectionError(f"{kind} value {value_text!r}{where} is out of range; use a finite number within "
                              f"+-{MAX_MAGNITUDE:g} (larger values overflow the activations to inf/NaN){hint}")
-    return number, bool(match.group(2))
+    return number, bool(match is not None and match.group(2))
 
 
 def parse_intervention(kind: str, text: str, *, component: str = "mlp", position: Position = "all",
