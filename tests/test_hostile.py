@@ -241,3 +241,18 @@ def test_injected_write_errors_keep_the_previous_atlas(capsys, env, tmp_path, mo
     assert not [p for p in atlas.rglob("*.tmp")]
     assert main(["query", str(atlas), "SELECT count(*) AS n FROM stats", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["n"] > 0
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe latin-1 \xe9", b"[1, 2]", b'{"schema_version": 1'])
+def test_damaged_manifest_is_reported_then_rebuilt_with_force(capsys, env, tmp_path, content):
+    import shutil
+
+    atlas = tmp_path / "atlas"
+    shutil.copytree(env["atlas"], atlas)
+    (atlas / "manifest.json").write_bytes(content)
+    args = ["record", "--model", str(env["model"]), "--data", str(env["data"]), "--out", str(atlas)]
+    one_line_error(capsys, args, "manifest.json", "--force")
+    assert (atlas / "manifest.json").read_bytes() == content  # never silently overwritten
+    assert main([*args, "--force", "--json"]) == 0
+    capsys.readouterr()
+    assert json.loads((atlas / "manifest.json").read_text())["records"]["default"]["n_prompts"] == 6
