@@ -256,3 +256,12 @@ def test_damaged_manifest_is_reported_then_rebuilt_with_force(capsys, env, tmp_p
     assert main([*args, "--force", "--json"]) == 0
     capsys.readouterr()
     assert json.loads((atlas / "manifest.json").read_text())["records"]["default"]["n_prompts"] == 6
+
+
+@pytest.mark.parametrize("suffix,content", [(".txt", b"caf\xe9 au lait\n"), (".jsonl", b'{"text": "caf\xe9"}\n')])
+def test_exemplars_corpus_not_utf8(capsys, env, tmp_path, suffix, content):
+    corpus = tmp_path / f"corpus{suffix}"
+    corpus.write_bytes(content)
+    one_line_error(capsys, ["exemplars", "--model", str(env["model"]), "--corpus", str(env["data"]), "--corpus",
+                            str(corpus), "--out", str(tmp_path / "o")], str(corpus), "not UTF-8", "byte 0xe9")
+    assert not (tmp_path / "o" / "corpus_exemplars.parquet").exists()

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from neuronatlas.cli.main import main
 from neuronatlas.models.tiny import tiny_model
 
-SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")

@@ -53,6 +53,10 @@ def _corpus(paths: list[Path] | None, max_docs: int | None, seed: int, text_fiel
     def read() -> Iterator[dict]:
         try:
             yield from read_corpus([str(p) for p in paths], text_field=text_field)
+        except UnicodeDecodeError as exc:
+            bad = next((p for p in paths if p.suffix.lower() != ".parquet" and not _is_utf8(p)), None)
+            raise DatasetError(f"not UTF-8 (byte 0x{exc.object[exc.start]:02x}); re-save the file as UTF-8 (e.g. "
+                               "iconv -f latin1 -t utf-8)", path=str(bad) if bad else None) from None
         except ValueError as exc:
             raise DatasetError(str(exc)) from None
 
@@ -61,6 +65,20 @@ def _corpus(paths: list[Path] | None, max_docs: int | None, seed: int, text_fiel
             raise DatasetError(f"corpus file {str(p)!r} not found; check the --corpus path")
     files = [{"path": str(p), "bytes": p.stat().st_size, "mtime": int(p.stat().st_mtime)} for p in paths]
     return read, json.dumps({"files": files, "text_field": text_field}, sort_keys=True), {"files": files}
+
+
+def _is_utf8(path: Path) -> bool:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except (UnicodeDecodeError, OSError):
+        return False
+    return True
 
 
 def exemplars_cmd(
