@@ -104,7 +104,7 @@ def build_atlas(root: Path) -> Path:
         "pmi": g.normal(size=3000), "candidates": [["a", "b"]] * 3000,
         "causal_delta_exemplars": g.normal(-0.3, 0.1, 3000), "causal_delta_random": g.normal(0, 0.02, 3000)})
     docs = [[str(t) for t in vocab[g.integers(2, len(vocab), 200)]] for _ in range(200)]
-    atlas.write_table("corpus_docs.parquet", {"doc_id": list(range(200)), "source": ["bench"] * 200,
+    atlas.write_table("corpus_docs.parquet", {"doc_id": [str(i) for i in range(200)], "source": ["bench"] * 200,
                                               "text": ["".join(d) for d in docs], "tokens": docs})
     ce: dict[str, list[Any]] = {k: [] for k in ("layer", "neuron", "kind", "rank", "doc_id", "position", "activation",
                                                 "window_start", "window_tokens", "window_acts")}
@@ -114,7 +114,7 @@ def build_atlas(root: Path) -> Path:
                 doc, start = int(g.integers(200)), int(g.integers(0, 160))
                 acts = g.normal(0, 0.5, 32).astype(float).tolist()
                 for k, v in (("layer", int(flat // NEURONS)), ("neuron", int(flat % NEURONS)), ("kind", kind),
-                             ("rank", rank), ("doc_id", doc), ("position", start + 16), ("activation", acts[16]),
+                             ("rank", rank), ("doc_id", str(doc)), ("position", start + 16), ("activation", acts[16]),
                              ("window_start", start), ("window_tokens", docs[doc][start:start + 32]),
                              ("window_acts", acts)):
                     ce[k].append(v)
@@ -274,6 +274,17 @@ def _cpu_seconds(pid: int) -> float:
         return float("nan")
 
 
+def _rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc; NaN elsewhere)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except (OSError, ValueError):
+        pass
+    return float("nan")
+
+
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))] * 1000 if s else float("nan")
@@ -291,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--client", choices=["raw", "httpx"], default="raw",
                     help="raw: keep-alive HTTP/1.1 over asyncio streams (cheap, so the 2-core box measures the "
                          "server); httpx: httpx.AsyncClient")
+    ap.add_argument("--passes", type=int, default=2,
+                    help="send the same request mix this many times; the server's memory after each pass shows "
+                         "whether it keeps growing (it must stay within its caches' bound)")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
@@ -327,13 +341,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"server did not start: {server.stderr.read().decode() if server.stderr else ''}")
             time.sleep(0.2)
         mix = [(k, u.replace("{slug}", slug)) for k, u in request_mix(args.requests)]
+        rss = {"started": _rss_mb(server.pid)}
         warm = [(k, u.replace("{slug}", slug)) for k, u in request_mix(50, seed=1)]
         asyncio.run(_run(base, warm, min(10, args.concurrency), args.timeout, args.client))  # warm caches
         seq = asyncio.run(_run(base, [(k, u.replace("{slug}", slug)) for k, u in request_mix(args.sequential, seed=2)],
                                1, args.timeout, args.client)) if args.sequential else None
+        rss["before_load"] = _rss_mb(server.pid)
         cpu0 = _cpu_seconds(server.pid)
         res = asyncio.run(_run(base, mix, args.concurrency, args.timeout, args.client))
         server_cpu = _cpu_seconds(server.pid) - cpu0
+        rss["after_pass_1"] = _rss_mb(server.pid)
+        for i in range(2, args.passes + 1):  # the same mix again: hits the page cache, must not grow memory
+            again = asyncio.run(_run(base, mix, args.concurrency, args.timeout, args.client))
+            res["errors"] += again["errors"]
+            rss[f"after_pass_{i}"] = _rss_mb(server.pid)
     finally:
         server.terminate()
         try:
@@ -354,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "p95_ms": round(_pct(lat, 95), 1), "p99_ms": round(_pct(lat, 99), 1),
         "mean_ms": round(statistics.fmean(lat) * 1000, 1), "max_ms": round(max(lat) * 1000, 1),
         "server_cpu_ms_per_request": round(server_cpu / max(len(lat), 1) * 1000, 2), "client": args.client,
+        "server_rss_mb": rss, "passes": args.passes,
         "by_kind": by_kind,
         "atlas": str(atlas), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                          "python": platform.python_version(),

@@ -13,6 +13,7 @@ __all__ = [
     "NeuronAtlasError",
     "UnsupportedModelError",
     "ModelLoadError",
+    "DeviceError",
     "DatasetError",
     "SiteError",
     "SelectionError",
@@ -32,6 +33,10 @@ class UnsupportedModelError(NeuronAtlasError):
 
 class ModelLoadError(NeuronAtlasError):
     """A ``--model`` value could not be resolved or loaded."""
+
+
+class DeviceError(NeuronAtlasError):
+    """A ``--device`` that is unknown or not available on this machine."""
 
 
 class DatasetError(NeuronAtlasError):

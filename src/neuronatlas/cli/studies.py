@@ -8,9 +8,19 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, phase_progress
+from neuronatlas.cli.common import (
+    DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, console, emit, load_model_cli, out_dir, phase_progress,
+)
 
 __all__ = ["register", "run_study_cli"]
+
+
+def _clamp_value(text: str) -> str:
+    """``--value``: a finite number or a multiple of the recorded max, checked before any work."""
+    from neuronatlas.intervene.parse import parse_value
+
+    parse_value(text, kind="clamp", context=f"--value {text}")
+    return text
 
 NRandomOpt = Annotated[int, typer.Option("--n-random", min=0, help="matched random neuron sets per condition")]
 
@@ -38,7 +48,7 @@ def run_study_cli(config: Any, out: Path, *, model: str, dtype: str, device: str
 
 
 def relations_study_cmd(
-    out: Annotated[Path, typer.Option(help="output directory (results.json, plots, report.html, atlas/)")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (results.json, plots, report.html, atlas/)")],
     model: ModelOpt = "default",
     facts: Annotated[Optional[Path], typer.Option(help="your own facts JSONL (same format as `data relations`)")] = None,
     relations: Annotated[str, typer.Option(help="comma-separated relations (default: all)")] = "",
@@ -47,15 +57,17 @@ def relations_study_cmd(
     eval_lang: Annotated[str, typer.Option(help="language whose held-out facts are evaluated")] = "en",
     test_template: Annotated[int, typer.Option(min=0, help="template of the evaluated facts; identification never uses it")] = 0,
     share_templates: Annotated[bool, typer.Option(help="let identification use the test template too")] = False,
-    few_shot: Annotated[int, typer.Option(help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
+    few_shot: Annotated[int, typer.Option(min=0, max=32, help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
     scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR) or lape (activation-probability entropy)")] = "ap",
-    select_fraction: Annotated[float, typer.Option(min=0.0, help="neurons selected per relation, as a fraction of all")] = 0.01,
+    select_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="neurons selected per relation, as a fraction of all")] = 0.01,
     select_n: Annotated[int, typer.Option(min=0, help="neurons selected per relation, as a count (overrides the fraction)")] = 0,
     tails: Annotated[str, typer.Option(help="top, or both (also the n/2 most negatively tuned)")] = "top",
     mode: Annotated[str, typer.Option(help="deactivate to zero, or to the median positive response")] = "zero",
     grid: Annotated[str, typer.Option(help="cumulativity fractions (1.0 is always added)")] = "0.05,0.1,0.25,0.5,1.0",
     n_random: NRandomOpt = 20,
-    max_identify_facts: int = 40, max_test_facts: int = 50, min_known: int = 5,
+    max_identify_facts: Annotated[int, typer.Option(min=2, help="facts per relation and language used to find neurons")] = 40,
+    max_test_facts: Annotated[int, typer.Option(min=1, help="held-out facts evaluated per relation")] = 50,
+    min_known: Annotated[int, typer.Option(min=0, help="relations with fewer known test facts are not evaluated")] = 5,
     site: Annotated[str, typer.Option(help="mlp or gate")] = "mlp",
     pool: Annotated[str, typer.Option(help="mean, last or max")] = "mean",
     atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into (default OUT/atlas)")] = None,
@@ -92,14 +104,14 @@ def relations_study_cmd(
 
 def clamp_study_cmd(
     concept: Annotated[str, typer.Option(help="the concept word, e.g. dog")],
-    out: Annotated[Path, typer.Option(help="study output directory")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="study output directory")],
     model: ModelOpt = "default",
     neurons: Annotated[int, typer.Option("--neurons", min=1, help="how many decoded neurons to clamp")] = 10,
-    value: Annotated[str, typer.Option(help="clamp value: a number (10) or a multiple of the recorded max (3xmax)")] = "3xmax",
+    value: Annotated[str, typer.Option(parser=_clamp_value, help="clamp value: a number (10) or a multiple of the recorded max (3xmax)")] = "3xmax",
     n_random: NRandomOpt = 20,
     side: Annotated[str, typer.Option(help="decoded side used to pick neurons: out_normed or out")] = "out_normed",
     atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into and add selections to (default OUT/atlas)")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 24,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=512, help="tokens generated per prompt")] = 24,
     n_prompts: Annotated[int, typer.Option(min=1, help="how many of the built-in neutral prompts to use")] = 20,
     n_texts: Annotated[int, typer.Option(min=2, help="corpus sentences per group (concept / other) for activations")] = 60,
     layers: Annotated[str, typer.Option(help="restrict the search to layers, e.g. 10-29 (default all)")] = "",

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from neuronatlas.cli.common import JsonOpt, console, emit, err_console, progress_bar
+from neuronatlas.cli.common import JsonOpt, console, emit, err_console, out_dir, progress_bar
 
 __all__ = ["register"]
 
@@ -47,7 +47,7 @@ def serve_cmd(
 
 def export_cmd(
     atlases: AtlasesArg,
-    out: Annotated[Path, typer.Option(help="output directory (new, empty, or an earlier export)")],
+    out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (new, empty, or an earlier export)")],
     all_neurons: Annotated[bool, typer.Option("--all-neurons", help="write a page for every neuron (slow on big "
                                               "models); default: neurons in selections, explanations and --token "
                                               "searches")] = False,

@@ -87,7 +87,7 @@ class PromptSet:
         skipped: list[tuple[int, str]] = []
         if not rows:
             raise DatasetError("the dataset is empty; give at least one row with a 'text' field", path=source)
-        if label_field not in rows[0] and label_field != "label":
+        if label_field != "label" and isinstance(rows[0], dict) and label_field not in rows[0]:
             raise DatasetError(f"unknown label column {label_field!r}; columns are: {', '.join(rows[0])}",
                                path=source, line=1, field=label_field)
         numbers = line_numbers if line_numbers is not None else range(1, len(rows) + 1)
@@ -130,35 +130,70 @@ def _to_prompt(row: Any, text_field: str, label_field: str, source: str, line: i
 def _read_rows(path: Path, bad_json: list[tuple[int, str]] | None = None) -> tuple[list[Any], list[int]]:
     """Rows of a file and their line numbers (CSV: counting the header as line 1).
 
-    Bad JSONL lines raise, or are appended to ``bad_json`` when it is given."""
+    Bad JSONL lines (not UTF-8, not JSON) raise, or are appended to ``bad_json`` when it is given.
+    Unreadable files (a folder, a damaged Parquet file, a CSV that is not UTF-8) raise DatasetError."""
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        rows: list[Any] = []
-        numbers: list[int] = []
-        with open(path, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, start=1):
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            return _read_jsonl(path, bad_json)
+        if suffix == ".csv":
+            return _read_csv(path)
+        if suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                rows = pq.read_table(path).to_pylist()
+            except pa.ArrowException as exc:
+                raise DatasetError(f"not a readable Parquet file ({_first_line(exc)}); rewrite it with pandas/pyarrow "
+                                   "or convert it to .jsonl", path=str(path)) from None
+            return rows, list(range(1, len(rows) + 1))
+    except OSError as exc:
+        raise DatasetError(f"cannot read the file ({exc.strerror or _first_line(exc)}); check the path",
+                           path=str(path)) from None
+    raise DatasetError(f"unsupported file type {suffix!r}; use .jsonl, .csv or .parquet", path=str(path))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _read_jsonl(path: Path, bad_json: list[tuple[int, str]] | None) -> tuple[list[Any], list[int]]:
+    rows: list[Any] = []
+    numbers: list[int] = []
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
                 if not line.strip():
                     continue
-                try:
-                    rows.append(json.loads(line))
-                    numbers.append(line_no)
-                except json.JSONDecodeError as exc:
-                    if bad_json is not None:
-                        bad_json.append((line_no, f"bad JSON ({exc.msg})"))
-                        continue
-                    raise DatasetError(f"bad JSON ({exc.msg}); fix the line or pass --skip-bad",
-                                       path=str(path), line=line_no) from None
-        return rows, numbers
-    if suffix == ".csv":
+                rows.append(json.loads(line))
+                numbers.append(line_no)
+            except UnicodeDecodeError as exc:
+                problem = (f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                           "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass --skip-bad")
+            except ValueError as exc:  # JSONDecodeError, or a number too large to convert
+                problem = (f"bad JSON ({getattr(exc, 'msg', None) or _first_line(exc)})", "fix the line or pass --skip-bad")
+            else:
+                continue
+            if bad_json is None:
+                raise DatasetError("; ".join(problem), path=str(path), line=line_no)
+            bad_json.append((line_no, problem[0]))
+    return rows, numbers
+
+
+def _read_csv(path: Path) -> tuple[list[Any], list[int]]:
+    try:
         with open(path, encoding="utf-8", newline="") as fh:
             rows = [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(fh)]
-        return rows, list(range(2, len(rows) + 2))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        rows = pq.read_table(path).to_pylist()
-        return rows, list(range(1, len(rows) + 1))
-    raise DatasetError(f"unsupported file type {suffix!r}; use .jsonl, .csv or .parquet", path=str(path))
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"not UTF-8 (byte 0x{exc.object[exc.start]:02x}); re-save the file "
+                           "as UTF-8 (e.g. iconv -f latin1 -t utf-8)", path=str(path)) from None
+    except csv.Error as exc:
+        raise DatasetError(f"not a readable CSV file ({_first_line(exc)}); fix the file or convert it to .jsonl",
+                           path=str(path)) from None
+    return rows, list(range(2, len(rows) + 2))
 
 
 def load_prompts(path: str | Path, *, text_field: str = "text", label_field: str = "label",
@@ -167,6 +202,8 @@ def load_prompts(path: str | Path, *, text_field: str = "text", label_field: str
     p = Path(path)
     if not p.exists():
         raise DatasetError("file not found; check the path", path=str(path))
+    if not p.is_file():
+        raise DatasetError("is not a file; give a .jsonl, .csv or .parquet file", path=str(path))
     bad_json: list[tuple[int, str]] = []
     rows, numbers = _read_rows(p, bad_json if skip_bad else None)
     prompts = PromptSet.from_rows(rows, source=str(p), text_field=text_field, label_field=label_field,

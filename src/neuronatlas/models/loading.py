@@ -23,12 +23,12 @@ from typing import Any, Literal
 
 import torch
 
-from neuronatlas.errors import ModelLoadError
+from neuronatlas.errors import DeviceError, ModelLoadError
 from neuronatlas.models.sites import Component, Site
 from neuronatlas.models.specs import ArchSpec, spec_for
 
 __all__ = ["LoadedModel", "load_model", "wrap_model", "resolve_model_path", "default_cache_dir",
-           "DEFAULT_MODEL"]
+           "DEFAULT_MODEL", "check_device"]
 
 DEFAULT_MODEL = "default"
 _SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -154,6 +154,40 @@ def resolve_model_path(model: str) -> Path | str:
     return model  # a hub id: must be in the local HF cache
 
 
+def check_device(device: str) -> str:
+    """Return ``device`` if this machine has it: ``cpu``, ``auto``, ``cuda``, ``cuda:N`` or ``mps``.
+
+    Anything else, or an accelerator that is not available here, is a DeviceError naming the fix.
+    """
+    text = device.strip().lower()
+    if text in ("cpu", "auto"):
+        return text
+    kind, _, index = text.partition(":")
+    if kind not in ("cuda", "mps") or (index and not index.isdigit()) or (kind == "mps" and index):
+        raise DeviceError(f"unknown device {device!r}; choose cpu, cuda, cuda:N, mps or auto")
+    if kind == "mps":
+        if not torch.backends.mps.is_available():
+            raise DeviceError("device 'mps' is not available on this machine; use --device cpu")
+        return text
+    if not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} needs CUDA, which this torch build or machine does not have "
+                          f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch")
+    if index and int(index) >= torch.cuda.device_count():
+        raise DeviceError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          f"device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return text
+
+
+def _check_gguf_header(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(24)
+    if head[:4] != b"GGUF":
+        raise ModelLoadError(f"model file {str(path)!r} is not a GGUF file (it does not start with the GGUF magic "
+                             "bytes); pass a .gguf model file or a Hugging Face model directory")
+    if len(head) < 24:
+        raise ModelLoadError(f"model file {str(path)!r} is truncated ({len(head)} bytes); download it again")
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -197,15 +231,23 @@ def load_model(model: str = DEFAULT_MODEL, *, dtype: DType = "float32", device: 
 
     ``device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (accelerate's device_map).
     """
+    import struct
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     if dtype != "auto" and dtype not in _DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r}; choose from: float32, bfloat16, float16, auto")
     torch_dtype = torch.float32 if dtype == "auto" else _DTYPES[dtype]
     target = resolve_model_path(model)
     try:
         if isinstance(target, Path) and target.is_file():
-            hf_model, tokenizer, prov = _load_gguf(target, torch_dtype)
+            _check_gguf_header(target)
+            try:
+                hf_model, tokenizer, prov = _load_gguf(target, torch_dtype)
+            except (ValueError, KeyError, IndexError, EOFError, struct.error, OSError) as exc:
+                raise ModelLoadError(f"model file {model!r} is a damaged or truncated GGUF file "
+                                     f"({_one_line(exc)}); download it again") from exc
         else:
             local_only = not isinstance(target, Path)
             kwargs: dict[str, Any] = {"dtype": torch_dtype, "local_files_only": local_only}
@@ -221,10 +263,20 @@ def load_model(model: str = DEFAULT_MODEL, *, dtype: DType = "float32", device: 
                 f"model {model!r} is neither a local path nor in the local Hugging Face cache; "
                 "download it first (huggingface-cli download) or pass a local directory / .gguf file"
             ) from exc
-        raise ModelLoadError(f"could not load model {model!r}: {exc}") from exc
+        raise ModelLoadError(f"could not load model {model!r}: {_one_line(exc)}; check the model directory's "
+                             "config.json and weight files") from exc
+    except ValueError as exc:  # a config.json or weight file that does not parse
+        raise ModelLoadError(f"could not load model {model!r}: {_one_line(exc)}; check the model directory's "
+                             "config.json and weight files") from exc
     if device not in ("cpu", "auto"):
         hf_model = hf_model.to(device)
     return wrap_model(hf_model, tokenizer, name=model, provenance=prov)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def wrap_model(model: Any, tokenizer: Any, *, name: str = "custom",

@@ -202,8 +202,10 @@ class LAPEScorer(_LanguageScorer, ConceptScorer):
         self.scores_ = np.stack([self.concept_scores(k) for k in range(len(self.languages_))])
         return self
 
-    def fit_record(self, rec: Any, concepts: Sequence[str] | None = None) -> "LAPEScorer":
-        """Fit on a record's token-level activation probabilities of ``concepts`` (default all labels)."""
+    def fit_record(self, rec: Any, concepts: Sequence[str] | None = None,
+                   groups: Sequence[Any] | None = None) -> "LAPEScorer":
+        """Fit on a record's token-level activation probabilities of ``concepts`` (default all labels);
+        ``groups`` is accepted for the common interface and unused (token-level rates have no test)."""
         names = list(concepts) if concepts is not None else list(rec.labels)
         unknown = [c for c in names if c not in rec.labels]
         if unknown:

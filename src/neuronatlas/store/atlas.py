@@ -19,6 +19,7 @@ never leaves a half-written file. This module never imports torch.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 import re
@@ -49,6 +50,13 @@ def _package_version() -> str:
     return __version__
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _fsync(path: str | Path, directory: bool = False) -> None:
     fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
     try:
@@ -65,10 +73,14 @@ def atomic_path(target: Path) -> Iterator[Path]:
     An OSError (full disk, file size limit, read-only file system) becomes one AtlasError line and
     leaves ``target`` as it was.
     """
+    from neuronatlas.store.output import check_write_target
+
+    check_write_target(target)
     tmp: str | None = None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; atlases are as readable as any other file
         os.close(fd)
         yield Path(tmp)
         _fsync(tmp)
@@ -233,7 +245,13 @@ class Atlas:
 
         target = self.file(relpath)
         with atomic_path(target) as tmp:
-            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+            try:
+                save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp), metadata=metadata)
+            except Exception as exc:  # safetensors reports a failed write (EFBIG, ENOSPC) as SafetensorError
+                code = re.search(r"os error (\d+)", str(exc))
+                if isinstance(exc, OSError) or code is None:
+                    raise
+                raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(target)) from exc
         return target
 
     def read_arrays(self, relpath: str) -> dict[str, np.ndarray]:

@@ -18,7 +18,8 @@ import pyarrow as pa
 
 from neuronatlas.errors import AtlasError
 
-__all__ = ["check_out_dir", "check_export_path", "write_export", "EXPORT_FORMATS", "os_error_message"]
+__all__ = ["check_out_dir", "check_out_file", "check_export_path", "write_export", "EXPORT_FORMATS", "os_error_message",
+           "check_write_target"]
 
 EXPORT_FORMATS = (".csv", ".parquet", ".json")
 _PSEUDO = (Path("/proc"), Path("/sys"), Path("/dev"))
@@ -66,6 +67,29 @@ def check_out_dir(path: Path | str, what: str = "--out") -> Path:
     return path
 
 
+def check_out_file(path: Path | str, what: str = "--out") -> Path:
+    """Refuse an output file that exists but is not a regular file, lies under /proc, /sys or /dev,
+    or sits in a folder that cannot be written."""
+    path = Path(path)
+    resolved = path.expanduser().resolve()
+    if _pseudo(resolved):
+        raise AtlasError(f"{what} {str(path)!r} is in a kernel pseudo file system; choose a file on a disk")
+    if resolved.exists() and not resolved.is_file():
+        raise AtlasError(f"{what} {str(path)!r} exists and is not a regular file; choose a file name")
+    check_out_dir(resolved.parent, what=f"the folder of {what} {str(path)!r}")
+    return path
+
+
+def check_write_target(target: Path) -> None:
+    """The last guard of every atomic write: never rename over a device, a folder or a pseudo file."""
+    resolved = target.resolve()
+    if _pseudo(resolved):
+        raise AtlasError(f"refusing to write {str(target)!r}: it is in a kernel pseudo file system; choose a path on "
+                         "a disk")
+    if resolved.exists() and not resolved.is_file():
+        raise AtlasError(f"refusing to write {str(target)!r}: it exists and is not a regular file; choose another path")
+
+
 def _inside_atlas(path: Path) -> Path | None:
     for parent in path.parents:
         if (parent / "manifest.json").is_file():
@@ -85,12 +109,7 @@ def check_export_path(path: Path | str) -> Path:
     if atlas is not None:
         raise AtlasError(f"--out {str(path)!r} is inside the atlas {str(atlas)!r}; exports never write into an "
                          "atlas, choose a path outside it")
-    if _pseudo(resolved):
-        raise AtlasError(f"--out {str(path)!r} is in a kernel pseudo file system; choose a file on a disk")
-    if resolved.exists() and not resolved.is_file():
-        raise AtlasError(f"--out {str(path)!r} exists and is not a regular file; choose a file name")
-    check_out_dir(resolved.parent, what=f"the folder of --out {str(path)!r}")
-    return path
+    return check_out_file(path)
 
 
 def write_export(table: pa.Table, path: Path) -> None:

@@ -30,11 +30,12 @@ import torch
 
 from neuronatlas.decode.find import concept_token_ids, mention_pattern, normalize_token, word_forms
 from neuronatlas.decode.select import ENGLISH_SOURCES, concept_texts, select_concept_neurons
-from neuronatlas.errors import InterventionError, SelectionError
+from neuronatlas.errors import SelectionError
 from neuronatlas.evaluate import generate, next_token_logprobs
 from neuronatlas.ids import neuron_str
 from neuronatlas.intervene import Clamp, NeuronSet
 from neuronatlas.intervene.interventions import Condition
+from neuronatlas.intervene.parse import parse_value
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record import RecordConfig, record
 from neuronatlas.report import Finding, Section, Table, plots
@@ -56,16 +57,6 @@ NEUTRAL_PROMPTS = (
     "Here is a short poem:", "Write one sentence about anything:", "The most interesting thing in the world is",
     "I have never understood why people like", "On my way home I met", "The word I am thinking of is",
 )
-_VALUE_RE = re.compile(r"^\s*(-?\d+(?:\.\d*)?(?:e-?\d+)?)\s*(xmax)?\s*$")
-
-
-def parse_value(value: str) -> tuple[float, bool]:
-    """``"3xmax"`` -> (3.0, True): a multiple of the recorded max; ``"10"`` -> (10.0, False)."""
-    match = _VALUE_RE.match(str(value))
-    if not match:
-        raise InterventionError(f"cannot parse clamp value {value!r}; write a number such as 10 or a multiple "
-                                "of the recorded max such as 3xmax")
-    return float(match.group(1)), bool(match.group(2))
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,14 @@ class _SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+def _check_study_inside(view: AtlasView, study: str) -> None:
+    """404 for a study folder that is (or passes through) a symlink leading out of the atlas."""
+    folder = view.study_dir(study)
+    root = view.atlas.path.resolve()
+    if folder.exists() and root not in folder.resolve().parents:
+        raise NotFound(f"study {study!r} is not in atlas {view.slug!r}")
+
+
 def _html(template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
     return HTMLResponse(render(template, context, ServerLinker()), status_code=status)
 
@@ -198,11 +206,14 @@ def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None) 
     @app.get("/a/{slug}/study/{study}", response_class=HTMLResponse)
     def study(slug: str, study: str) -> Response:
         view = library.get(slug)
+        _check_study_inside(view, study)
         return _cached(view, ("study", study), lambda: ("study.html", study_context(view, study)))
 
     @app.get("/a/{slug}/study/{study}/files/{name}")
     def study_file(slug: str, study: str, name: str) -> Response:
-        path = library.get(slug).study_file(study, name)
+        view = library.get(slug)
+        _check_study_inside(view, study)
+        path = view.study_file(study, name)
         ext = Path(name).suffix.lower()
         headers = {"Content-Security-Policy": _FILE_CSP} if ext in (".html", ".svg") else {}
         return FileResponse(path, media_type=STUDY_FILE_EXTS[ext], headers=headers)
