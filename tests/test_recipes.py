@@ -78,6 +78,8 @@ MODULES = recipe_modules()
 
 @pytest.fixture(scope="session")
 def prelude(tmp_path_factory) -> dict[str, Any]:
+    import pandas as pd
+
     from neuronatlas.data import PromptSet
     from neuronatlas.decode import decode_neurons, write_decoded
     from neuronatlas.explain import ExemplarConfig, ExplainConfig, LocalExplainer, collect_exemplars, explain_neurons
@@ -88,13 +90,13 @@ def prelude(tmp_path_factory) -> dict[str, Any]:
     from neuronatlas.record import RecordConfig, record
     from neuronatlas.record.batching import encode
     from neuronatlas.stats.scorers import APScorer
+    from neuronatlas.store import Atlas
     from neuronatlas.store.schemas import conform
 
     root = tmp_path_factory.mktemp("recipes")
     lm = tiny_model("llama")
     rows = [{"text": t, "label": lab, "target": " x"} for lab, ts in TEXTS.items() for t in ts]
     prompts = PromptSet.from_rows(rows, source="recipes")
-    pd = __import__("pandas")
     pd.DataFrame(rows).to_json(root / "facts.jsonl", orient="records", lines=True)
     pd.DataFrame(rows).to_csv(root / "facts.csv", index=False)
 
@@ -105,11 +107,8 @@ def prelude(tmp_path_factory) -> dict[str, Any]:
                       corpus_name="recipes")
     explain_neurons(atlas, NeuronSet.parse("L1:3"), explainer=LocalExplainer(lm, max_new_tokens=6),
                     scorer=lm, subject=lm, config=ExplainConfig(candidates=2, seed=0, n_top=2, n_random=2))
-    ap = APScorer().fit(result.pooled, result.prompt_labels)
-    top = ap.top_indices(0, 5)
-    n = lm.n_neurons
-    (atlas / "selections.parquet").unlink(missing_ok=True)
-    from neuronatlas.store import Atlas
+    ap = APScorer().fit(result.pooled, result.prompt_labels)     # the 'capital' selection: AP's top 5
+    top, n = ap.top_indices(0, 5), lm.n_neurons
     Atlas.open(atlas).write_table("selections.parquet", conform("selections.parquet", {
         "study": ["recipes"] * 5, "concept": ["capital"] * 5, "method": ["ap"] * 5, "site": ["mlp"] * 5,
         "layer": [int(i) // n for i in top], "neuron": [int(i) % n for i in top],
