@@ -5,6 +5,8 @@ and the fix, on one line. The CLI prints it in red and exits with code 2.
 
     >>> from neuronatlas.errors import SiteError
     >>> raise SiteError("site 'attn' is not available for llama; choose from: mlp, gate")
+    Traceback (most recent call last):
+    neuronatlas.errors.SiteError: site 'attn' is not available for llama; choose from: mlp, gate
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ differently still compare correctly. Shapes (layers, neurons, model width) must 
 
     >>> from neuronatlas.decode.compare import compare_decoding
     >>> from neuronatlas.models import load_model
-    >>> result = compare_decoding(load_model("default"), load_model("default", dtype="bfloat16"))
+    >>> lm_a, lm_b = load_model("default"), load_model("default", dtype="bfloat16")  # doctest: +SKIP
+    >>> result = compare_decoding(lm_a, lm_b)
     >>> result["sides"]["in_up"]["overall"], result["sides"]["in_up"]["per_layer"][:3]
 """
 

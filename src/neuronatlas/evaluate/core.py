@@ -2,7 +2,7 @@
 
     >>> from neuronatlas.evaluate import target_logprobs, next_token_topk, generate
     >>> from neuronatlas.intervene import Ablate, NeuronSet
-    >>> conds = [(), (Ablate(NeuronSet.parse("L10:0-99")),)]     # baseline + one ablation
+    >>> conds = [(), (Ablate(NeuronSet.parse("L1:0-9")),)]     # baseline + one ablation
     >>> r = target_logprobs(lm, ["The capital of France is"], [" Paris"], conditions=conds)
     >>> r.logprob.shape, r.first_correct.shape                     # (2, 1) each: conditions x prompts
     >>> gens = generate(lm, ["My favourite animal is"], conditions=conds, max_new_tokens=10)

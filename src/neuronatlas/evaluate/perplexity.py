@@ -2,7 +2,7 @@
 
     >>> from neuronatlas.evaluate.perplexity import text_nll, count_forwards
     >>> from neuronatlas.intervene import Ablate, NeuronSet
-    >>> conds = [(), (Ablate(NeuronSet.parse("L10:0-99", "gate")),)]     # baseline + one deactivation
+    >>> conds = [(), (Ablate(NeuronSet.parse("L1:0-9", "gate")),)]     # baseline + one deactivation
     >>> with count_forwards(lm) as calls:
     ...     r = text_nll(lm, ["Le chat dort.", "Der Hund bellt."], conditions=conds)
     >>> r.nll.shape, r.n_tokens                 # (2 conditions, 2 texts) summed NLL; tokens scored per text

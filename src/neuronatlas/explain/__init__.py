@@ -2,9 +2,11 @@
 
     >>> from neuronatlas.explain import (ExemplarConfig, collect_exemplars, LocalExplainer, ExplainConfig,
     ...                                  explain_neurons, neuron_card)
-    >>> collect_exemplars(lm, default_corpus(500), "my-atlas", config=ExemplarConfig(top_k=20))
-    >>> explain_neurons("my-atlas", NeuronSet.parse("L12:345"), explainer=LocalExplainer(lm), scorer=lm, subject=lm)
-    >>> neuron_card("my-atlas", 12, 345)
+    >>> from neuronatlas.data.corpus import default_corpus
+    >>> from neuronatlas.intervene import NeuronSet
+    >>> collect_exemplars(lm, default_corpus(20), "my-atlas", config=ExemplarConfig(top_k=20))
+    >>> explain_neurons("my-atlas", NeuronSet.parse("L1:3"), explainer=LocalExplainer(lm), scorer=lm, subject=lm)
+    >>> neuron_card("my-atlas", 1, 3)
 
 Names are imported lazily, so readers such as :mod:`neuronatlas.explain.card` and
 :mod:`neuronatlas.explain.tables` (used by ``neuronatlas show`` and viewers) never import torch.

@@ -5,10 +5,11 @@ distinct, non-empty completions of "the main thing this neuron does is find ..."
 sampling. Failures raise :class:`~neuronatlas.errors.ExplainerError` with a one-line message.
 
     >>> from neuronatlas.explain.backends import LocalExplainer, OpenAIExplainer
-    >>> local = LocalExplainer(load_model("default"))                 # SmolLM2-135M-Instruct
+    >>> lm = load_model("default")  # doctest: +SKIP
+    >>> local = LocalExplainer(lm)                                   # e.g. SmolLM2-135M-Instruct
     >>> local.explain(prompt, n=3, seed=0)                           # ['capital cities', ...]
     >>> remote = OpenAIExplainer("http://127.0.0.1:8000/v1", "my-model")  # key read from $OPENAI_API_KEY
-    >>> remote.explain(prompt, n=3, seed=0)
+    >>> remote.explain(prompt, n=3, seed=0)  # needs the server  # doctest: +SKIP
 
 ``OpenAIExplainer`` reads its API key from the environment variable named by ``api_key_env`` when
 it is created (pass ``api_key=`` to give it directly); it retries connection errors, timeouts, HTTP

@@ -10,9 +10,9 @@ tokens, with their prompts), ``corpus`` (top and random corpus exemplars with ac
 ``explanations`` and ``selections``. Column names come from :mod:`neuronatlas.store.schemas`.
 
     >>> from neuronatlas.explain.card import AtlasSource, neuron_card, neuron_sections
-    >>> card = neuron_card("my-atlas", 12, 345, n_top=5)
+    >>> card = neuron_card("my-atlas", 1, 3, n_top=5)
     >>> card["explanation"]["explanation"], card["exemplars"]["top"][0]["tokens"]
-    >>> neuron_sections(AtlasSource("my-atlas"), 12, 345)["stats"][0]["label"]
+    >>> neuron_sections(AtlasSource("my-atlas"), 1, 3)["stats"][0]["label"]
 """
 
 from __future__ import annotations

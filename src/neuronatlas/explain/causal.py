@@ -7,8 +7,8 @@ one batched forward (two conditions). Comparing the mean effect at the neuron's 
 the mean at random positions tells whether the neuron matters where it fires.
 
     >>> from neuronatlas.explain.causal import causal_effect
-    >>> docs = {"d1": [12, 873, 4, 99]}
-    >>> causal_effect(lm, docs, [("d1", 1), ("d1", 2)], layer=3, neuron=17).mean
+    >>> docs = {"d1": [12, 87, 4, 99]}
+    >>> causal_effect(lm, docs, [("d1", 1), ("d1", 2)], layer=1, neuron=17).mean
 """
 
 from __future__ import annotations

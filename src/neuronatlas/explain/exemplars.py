@@ -16,9 +16,9 @@ ends bit-identical to an uninterrupted run. A finished pass with the same finger
 
     >>> from neuronatlas.data.corpus import default_corpus
     >>> from neuronatlas.explain.exemplars import ExemplarConfig, collect_exemplars
-    >>> docs = default_corpus(n_docs=500, seed=0)
+    >>> docs = default_corpus(n_docs=50, seed=0)
     >>> info = collect_exemplars(lm, docs, "my-atlas", config=ExemplarConfig(top_k=20, context=32),
-    ...                          corpus_name="default_corpus(500, seed=0)")
+    ...                          corpus_name="default_corpus(50, seed=0)")
     >>> info["tokens"], info["stream_seconds"]
 """
 

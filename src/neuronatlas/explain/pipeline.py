@@ -18,8 +18,8 @@ neuron never loses an earlier one.
 
     >>> from neuronatlas.explain import LocalExplainer, explain_neurons, ExplainConfig
     >>> from neuronatlas.intervene import NeuronSet
-    >>> lm = load_model("default")
-    >>> run = explain_neurons("my-atlas", NeuronSet.parse("L12:345 L3:1-4"), explainer=LocalExplainer(lm),
+    >>> lm = load_model("default")  # doctest: +SKIP
+    >>> run = explain_neurons("my-atlas", NeuronSet.parse("L1:3 L0:5"), explainer=LocalExplainer(lm),
     ...                       scorer=lm, subject=lm, config=ExplainConfig(candidates=3, seed=0))
     >>> run.results[0].explanation, run.results[0].score, run.results[0].baseline_score
 """

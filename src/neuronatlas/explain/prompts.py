@@ -6,7 +6,8 @@ largest activation over the corpus. The explainer sees excerpts as ``token<TAB>v
 they decode, with newlines and tabs escaped (``\\n``, ``\\t``) so each line holds one token.
 
     >>> from neuronatlas.explain.prompts import normalise, explain_prompt
-    >>> normalise([0.5, -1.0, 2.0], max_activation=2.0)          # array([2, 0, 10])
+    >>> normalise([0.5, -1.0, 2.0], max_activation=2.0)
+    array([ 2,  0, 10])
     >>> p = explain_prompt([(["The", " cat"], [0, 10])])
     >>> p.render(tokenizer)           # chat template + assistant prefix "the main thing ... find"
     >>> p.messages()                  # system + user messages for an OpenAI-compatible endpoint

@@ -12,9 +12,12 @@ The score is the Pearson correlation of simulated and true normalised (0..10) ac
 tokens of the scored excerpts (5 top + 5 random by default), pooled.
 
     >>> from neuronatlas.explain.simulate import Simulator, pearson
-    >>> sim = Simulator(load_model("default"))
+    >>> lm = load_model("default")  # doctest: +SKIP
+    >>> sim = Simulator(lm)
     >>> sim.simulate("words about cats", [["The", " cat", " sat"]])     # [array([0.4, 6.1, 1.2])]
-    >>> sim.score("words about cats", excerpts, max_activation=ex.max_activation)
+    >>> from neuronatlas.explain.tables import read_exemplars
+    >>> ex = read_exemplars("my-atlas", layer=1, neuron=3)
+    >>> sim.score("words about cats", ex.top[:5], max_activation=ex.max_activation)   # Pearson r
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ of docs/atlas-format.md; how the tables were made (site, window, corpus, timings
 Parquet schema metadata under the key ``neuronatlas`` (read it with :func:`table_meta`).
 
     >>> from neuronatlas.explain.tables import read_exemplars, read_explanations
-    >>> ex = read_exemplars("my-atlas", layer=3, neuron=17)
+    >>> ex = read_exemplars("my-atlas", layer=1, neuron=3)
     >>> ex.top[0].tokens[ex.top[0].center], ex.max_activation
     >>> read_explanations("my-atlas")            # list of row dicts
 """

@@ -1,7 +1,10 @@
 """Interventions: small typed values, applied in a scope that always removes its hooks.
 
     >>> from neuronatlas.intervene import Ablate, Clamp, Scale, Steer, NeuronSet, intervene
-    >>> ns = NeuronSet.parse("L3:10-20")
+    >>> from neuronatlas.record.batching import encode, repeat_batch
+    >>> texts = ["The capital of France is", "My favourite animal is"]
+    >>> batch = encode(lm, texts)
+    >>> ns = NeuronSet.parse("L1:10-20")
     >>> with intervene(lm, [Ablate(ns)]):            # one condition
     ...     logits = lm.model(**batch).logits
     >>> # several conditions in ONE forward: the batch is repeated once per condition

@@ -10,8 +10,9 @@ stored output. For C conditions whose first intervened layer is k of L, the laye
 rounding (matrix products on B rather than C x B rows).
 
     >>> from neuronatlas.intervene.shared import forward_conditions
-    >>> conds = [(), (Ablate(NeuronSet.parse("L12:1-50")),), (Clamp(NeuronSet.parse("L20:7"), 5.0),)]
-    >>> out = forward_conditions(lm, batch, conds, logits_to_keep=1)   # logits of 3 x B rows; layers 0-11 run once
+    >>> from neuronatlas.intervene import Ablate, Clamp, NeuronSet
+    >>> conds = [(), (Ablate(NeuronSet.parse("L1:1-20")),), (Clamp(NeuronSet.parse("L1:7"), 5.0),)]
+    >>> out = forward_conditions(lm, batch, conds, logits_to_keep=1)   # logits of 3 x B rows; layer 0 runs once
 
 ``past`` continues every row from cached keys/values of a shared prefix (see
 :mod:`neuronatlas.evaluate.prefix`): the shared pass continues the clean prefix (variant 0), which

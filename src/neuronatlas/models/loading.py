@@ -1,8 +1,9 @@
 """Load any Hugging Face causal LM, wrapped with its architecture spec and provenance.
 
     >>> from neuronatlas.models import load_model
-    >>> lm = load_model("default")            # the embedded SmolLM2-135M-Instruct GGUF
-    >>> lm.n_layers, lm.n_neurons             # (30, 1536)
+    >>> lm = load_model("default")            # the embedded SmolLM2-135M-Instruct GGUF  # doctest: +SKIP
+    >>> lm.n_layers, lm.n_neurons  # doctest: +SKIP
+    (30, 1536)
 
 ``model`` may be ``default``, a local HF directory, a ``.gguf`` file, the alias of a model shipped
 in a PyPI package (``gemma3-270m``, ``qwen2.5-coder-0.5b``), or a hub id already in the local HF

@@ -8,10 +8,10 @@ with one seeded ``torch.Generator``; it is the corpus counterpart of the prompt 
 
     >>> from neuronatlas.record.corpus import ExemplarStream
     >>> stream = ExemplarStream(lm, top_k=20, n_random=5, before=32, after=8, seed=0)
-    >>> stream.update([[12, 873, 4], [55, 9]], doc_index=[0, 1])     # token ids of two documents
-    >>> stream.top[3].top.values.shape       # layer 3: (neurons, 20)
-    >>> stream.top[3].windows.shape          # (neurons, 20, 32 + 1 + 8), NaN outside the document
-    >>> stream.random[3].top.position        # (neurons, 5) positions of the random sample
+    >>> stream.update([[12, 87, 4], [55, 9]], doc_index=[0, 1])     # token ids of two documents
+    >>> stream.top[1].top.values.shape       # layer 1: (neurons, 20)
+    >>> stream.top[1].windows.shape          # (neurons, 20, 32 + 1 + 8), NaN outside the document
+    >>> stream.random[1].top.position        # (neurons, 5) positions of the random sample
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 bootstrap intervals, paired tests against the unmodified model, and dose-response trends.
 
     >>> from neuronatlas.stats.inference import empirical_p, bootstrap_ci, mcnemar_exact, dose_response
-    >>> empirical_p(0.2, [0.5, 0.6, 0.4], alternative="less")        # rank of the selected set: 0.25
+    >>> empirical_p(0.2, [0.5, 0.6, 0.4], alternative="less")        # rank of the selected set
+    0.25
     >>> bootstrap_ci([1, 0, 1, 1], seed=0)                            # (mean, lo, hi) over facts
+    (0.75, 0.25, 1.0)
     >>> mcnemar_exact(before=[1, 1, 0, 1], after=[0, 0, 0, 1])        # exact two-sided McNemar p
+    0.5
     >>> dose_response([0.1, 0.5, 1.0], curve, random_curves)          # slope, Spearman, permutation p
 
 Every test states its alternative; every interval says what it is over (facts, random sets). Nothing

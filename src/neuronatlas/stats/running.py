@@ -4,7 +4,7 @@ Each statistic has ``update``, ``merge`` and a serialisable ``state`` (a dict of
 recording can checkpoint, resume and shard across workers.
 
     >>> from neuronatlas.stats.running import LabelMoments, TopK
-    >>> m = LabelMoments(n_labels=2, shape=(30, 1536))
+    >>> m = LabelMoments(n_labels=2, shape=(lm.n_layers, lm.n_neurons))
     >>> m.update(acts, token_labels)        # acts: (tokens, layers, neurons); token_labels: (tokens,)
     >>> m.mean, m.var, m.max, m.act_prob    # each (labels, layers, neurons)
     >>> m.merge(other_shard)

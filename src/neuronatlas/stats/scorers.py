@@ -7,7 +7,7 @@ attributes end in ``_``). All are vectorised over every neuron at once.
     >>> ap.select(concept=0, n=500, tails="top")     # a NeuronSet, best first in ap.top_indices(0, 500)
     >>> smd = SMDScorer(alpha=0.05).fit(responses, labels)
     >>> smd.d_, smd.p_, smd.significant_             # Cohen's d, Welch p-values, BH-FDR mask
-    >>> SCORERS["lape"]().fit_record(rec, concepts=["capital", "symbol"]).select("capital", 100)
+    >>> SCORERS["lape"]().fit_record(rec, concepts=["en", "fr"]).select("fr", 10)   # rec: a gate-site record
 
 ``responses`` are pooled per-prompt responses (a record's ``pooled`` array, (prompts, layers,
 neurons), or flattened to (prompts, neurons) for one layer); concept ``k`` is "prompt has label k"

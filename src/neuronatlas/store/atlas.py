@@ -12,8 +12,8 @@ Every write goes to a temporary file in the same directory and is renamed into p
 never leaves a half-written file. This module never imports torch.
 
     >>> from neuronatlas.store import Atlas
-    >>> atlas = Atlas.create("my-atlas", model={"model": "default", "family": "llama"})
-    >>> atlas.query("SELECT count(*) FROM stats")          # DuckDB over the Parquet tables
+    >>> atlas = Atlas.create("new-atlas", model={"model": "default", "family": "llama"})
+    >>> Atlas.open("my-atlas").query("SELECT count(*) FROM stats")   # DuckDB over the Parquet tables
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ An atlas ``--out`` must be a directory (or not exist yet) on a writable file sys
 kernel's pseudo file systems; an export file must have a known extension and lie outside every
 atlas, so that no query result can overwrite an atlas table.
 
-    >>> check_out_dir(Path("/dev/null"))       # AtlasError: not a directory
+    >>> check_out_dir(Path("/dev/null"))
+    Traceback (most recent call last):
+    neuronatlas.errors.AtlasError: --out '/dev/null' is inside /dev, a kernel pseudo file system; ...
     >>> write_export(table, Path("rows.csv"))  # temporary file + fsync + rename
 """
 

@@ -11,7 +11,10 @@ Columns are documented in docs/atlas-format.md.
     ('study', 'concept', 'method', 'site', 'layer', 'neuron', 'score', 'rank')
     >>> schema_for("records/facts/stats.parquet").name
     'stats'
-    >>> table = conform("selections.parquet", {"study": ["relations"], ...})   # a pa.Table in schema order
+    >>> table = conform("selections.parquet", {"rank": [0], "study": ["relations"], "concept": ["capital"],
+    ...                 "method": ["ap"], "site": ["mlp"], "layer": [12], "neuron": [345], "score": [0.9]})
+    >>> table.column_names == list(SELECTIONS.names)     # a pa.Table in schema order
+    True
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ Two locks, both DuckDB's own (see docs/safety.md):
 
 :func:`run_read_query` adds a time limit (the connection is interrupted) and a row limit.
 
-    >>> import duckdb
+    >>> from neuronatlas.store.sql import check_read_only
     >>> check_read_only("SELECT * FROM read_csv('/etc/passwd')")        # passes: the sandbox refuses it
-    >>> check_read_only("COPY stats TO 'stats.parquet'")                 # AtlasError
+    >>> check_read_only("COPY stats TO 'stats.parquet'")
+    Traceback (most recent call last):
+    neuronatlas.errors.AtlasError: query refused: COPY statement ... is not read-only; ...
 """
 
 from __future__ import annotations

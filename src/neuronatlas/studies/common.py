@@ -3,7 +3,8 @@
     >>> from neuronatlas.studies.common import random_like, mean_ci, StudyState
     >>> control = random_like(selected, n_neurons=1536, seed=0)    # same count per layer, random indices
     >>> mean_ci([0.4, 0.5, 0.45])                                  # (mean, lo, hi), 95% t-interval
-    >>> state = StudyState(out_dir / "state.json"); state.get("cond-key") or state.put("cond-key", value)
+    >>> state = StudyState(out_dir / "state.json", fingerprint="config-hash")
+    >>> state.get("cond-key") or state.put("cond-key", value)
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ error is an HTML page. Nothing here imports torch or writes to the atlas.
 
     >>> from neuronatlas.web import Library, create_app
     >>> app = create_app(Library(["my-atlas"]))
-    >>> import uvicorn; uvicorn.run(app, host="127.0.0.1", port=8765)      # or `neuronatlas serve`
+    >>> import uvicorn; uvicorn.run(app, host="127.0.0.1", port=8765)  # serves until stopped  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Each section appears only when the atlas has the table and rows for this neuron.
 
     >>> from neuronatlas.web.data import Library
     >>> from neuronatlas.web.neuron import neuron_context
-    >>> ctx = neuron_context(Library(["my-atlas"]).get("my-atlas"), layer=12, neuron=345)
+    >>> ctx = neuron_context(Library(["my-atlas"]).get("my-atlas"), layer=1, neuron=3)
     >>> sorted(k for k, v in ctx["sections"].items() if v)       # ['decoded', 'stats', ...]
 """
 

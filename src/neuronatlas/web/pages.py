@@ -8,7 +8,7 @@ server and the static export both call these functions, so both show the same pa
     >>> from neuronatlas.web.pages import heatmap_context
     >>> view = Library(["my-atlas"]).get("my-atlas")
     >>> ctx = heatmap_context(view, page=1)
-    >>> ctx["concepts"][0]["cells"][12]          # neurons of the first concept in layer 12
+    >>> ctx["concepts"][0]["cells"][1]           # neurons of the first concept in layer 1
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ query strings) and the static export (relative ``.html`` paths; a link to a page
 exported comes back as ``None`` and the template prints plain text instead).
 
     >>> from neuronatlas.web.render import ServerLinker, render
-    >>> html = render("error.html", {"status": 404, "message": "no such neuron"}, ServerLinker())
+    >>> html = render("error.html", {"title": "404 Not Found", "status": 404, "reason": "Not Found",
+    ...                               "message": "no such neuron"}, ServerLinker())
     >>> bar_chart_svg([("capital", 0.8), ("animal", -0.1)])      # an inline <svg> (markupsafe.Markup)
 """
 
