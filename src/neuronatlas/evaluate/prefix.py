@@ -5,6 +5,8 @@ run that prefix once, keep its keys and values (a Hugging Face ``DynamicCache``)
 test prompts continues from a per-batch copy of them, under every condition::
 
     >>> from neuronatlas.evaluate import target_logprobs
+    >>> from neuronatlas.intervene import Ablate, NeuronSet
+    >>> ns = NeuronSet.parse("L1:0-9")
     >>> demos = "The capital of Japan is Tokyo.\\nThe capital of Italy is Rome.\\n"
     >>> r = target_logprobs(lm, ["The capital of France is", "The capital of Spain is"], [" Paris", " Madrid"],
     ...                     prefixes=[demos, demos], conditions=[(), (Ablate(ns),)])
