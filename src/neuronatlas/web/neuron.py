@@ -21,7 +21,7 @@ from neuronatlas.ids import NeuronId
 from neuronatlas.web.data import AtlasView, concept_key
 from neuronatlas.web.render import bar_chart_svg
 
-__all__ = ["neuron_context", "token_spans"]
+__all__ = ["neuron_context", "token_spans", "abs_percentiles", "PERCENTILES"]
 
 ALL_LABEL = "__all__"
 _SIDE_ORDER = ["out", "out_normed", "in_up", "in_gate", "in"]
@@ -39,6 +39,48 @@ def _finite(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9, 100.0)
+
+
+def abs_percentiles(counts: Sequence[int], edges: Sequence[float], abs_max: float | None,
+                    qs: Sequence[float] = PERCENTILES) -> dict[float, dict[str, float]]:
+    """Percentiles of ``|activation|`` from a signed log-bin histogram (``counts``: 2 * len(edges) + 1 bins).
+
+    For each ``q`` (nearest rank: the smallest value with at least q% of tokens at or below it) the
+    result gives the bin that holds it, ``lo`` <= true value <= ``hi`` (exact), and ``value``, a
+    log-linear interpolation inside that bin; ``q = 100`` is the exact ``abs_max``.
+    """
+    m_bins = len(edges)
+    c = list(counts)
+    mag = [c[m_bins]] + [c[m_bins + m] + c[m_bins - m] for m in range(1, m_bins + 1)]
+    n = sum(mag)
+    top = float(abs_max) if abs_max is not None and math.isfinite(float(abs_max)) else None
+    out: dict[float, dict[str, float]] = {}
+    if n == 0:
+        return out
+    for q in qs:
+        if q >= 100.0 and top is not None:
+            out[q] = {"value": top, "lo": top, "hi": top}
+            continue
+        rank = max(1, math.ceil(q / 100.0 * n - 1e-9))
+        cum = 0
+        for m, k in enumerate(mag):
+            if cum + k >= rank:
+                break
+            cum += k
+        lo = 0.0 if m == 0 else float(edges[m - 1])
+        hi = float(edges[m]) if m < m_bins else (top if top is not None else float("inf"))
+        if top is not None:
+            hi, lo = min(hi, top), min(lo, top)
+        frac = (rank - cum) / k if k else 1.0
+        if lo > 0 and math.isfinite(hi):
+            value = lo * (hi / lo) ** frac
+        else:
+            value = lo + frac * (hi - lo) if math.isfinite(hi) else lo
+        out[q] = {"value": value, "lo": lo, "hi": hi}
+    return out
 
 
 def token_spans(tokens: Sequence[Any], acts: Sequence[Any] | None = None, *, focus: int | None = None,
