@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from neuronatlas.data.prompts import PromptSet
+from neuronatlas.report.model import Finding, Section, StudyReport, Table
 from neuronatlas.store import Atlas
 
 fastapi = pytest.importorskip("fastapi")
@@ -39,6 +40,21 @@ PROMPTS = [
 ODD_CONCEPT = "emotion: joy/sad"
 EXPLAINED = {(1, 3): "capital cities such as Paris and Tokyo", (0, 7): "animal words like dog and cat",
              (1, 20): "chemical symbols 100% of the time"}
+
+
+STUDY_REPORT = StudyReport(
+    "relations", "Relation-specific neurons", intro="Which neurons carry a relation, and what switching them off does.",
+    setup={"model": "tiny-llama", "n_select": 6, "langs": ["en", "de"]},
+    findings=[Finding("cumulativity", "Cumulativity", "Accuracy falls as more selected neurons are deactivated.",
+                      rule="slope < 0 and p_trend < 0.05", holds=True, numbers={"slope": -0.31, "p_trend": 0.004}),
+              Finding("interference", "Interference", "Deactivating capital neurons leaves symbol facts intact.",
+                      rule="McNemar p < 0.05 after BH", holds=False, numbers={"p": 0.41})],
+    sections=[Section("Selected versus random neurons", "cumulativity", figures=["capital_dose_response.png", "gone.png"],
+                      tables=[Table(["relation", "neuron", "drop", "random drop", "p"],
+                                    [["capital", "L1:3", 0.31, 0.02, 0.001], ["animal", "L0:7", 0.12, None, 0.2],
+                                     ["symbol", "L9:99", 0.0, 0.0, 1.0]],
+                                    caption="accuracy drop per relation", concept_columns=["relation"])]),
+              Section("Overlap", "Selections of different relations barely overlap.", figures=["overlap.png"])])
 
 
 def tiny_png() -> bytes:
@@ -105,11 +121,18 @@ def build_web_atlas(root: Path) -> Path:
     study.mkdir(parents=True)
     (study / "results.json").write_text(json.dumps({
         "n_neurons": 6, "concepts": {"capital": {"accuracy_drop": 0.31, "random_drop": 0.02, "n": 4},
-                                     "animal": {"accuracy_drop": 0.12}}}))
+                                     "animal": {"accuracy_drop": 0.12}},
+        "raw": {f"key{i}": {"idx": list(range(30)), "value": i} for i in range(50)},     # never shown as a dump
+        "report": STUDY_REPORT.to_json()}))
     (study / "report.html").write_text("<html><body><h1>relations report</h1></body></html>")
     (study / "capital_dose_response.png").write_bytes(tiny_png())
     (study / "overlap.png").write_bytes(tiny_png())
     (study / "notes.txt").write_text("not servable")
+    legacy = path / "studies" / "legacy"
+    legacy.mkdir(parents=True)
+    (legacy / "results.json").write_text(json.dumps({
+        "findings": {"cumulativity": "Accuracy falls as more neurons are switched off."},
+        "config": {"langs": ["en", "de"]}, "raw": {f"k{i}": i for i in range(400)}}))
     (root / "secret.png").write_bytes(b"secret outside the atlas")
     (study / "leak.png").symlink_to(root / "secret.png")
     atlas.update_manifest(lambda m: m["studies"].__setitem__("relations", {
@@ -222,7 +245,24 @@ def test_search_pagination(client):
 
 def test_study_page_and_files(client):
     html = ok(client, "/a/atlas/study/relations")
-    assert "n_neurons" in html and "overlap.png" in html and "capital_dose_response.png" in html
+    assert "<h1>Relation-specific neurons</h1>" in html
+    for f in STUDY_REPORT.findings:                                   # findings in full, with their rules
+        assert f.text in html and f.rule.replace("<", "&lt;") in html
+    assert "does not hold" in html and "holds</span>" in html
+    assert '<img src="/a/atlas/study/relations/files/capital_dose_response.png"' in html
+    assert '<img src="/a/atlas/study/relations/files/overlap.png"' in html
+    assert "gone.png is not in the study folder" in html
+    assert 'href="/a/atlas/neuron/L1/3"' in html and 'href="/a/atlas/neuron/L0/7"' in html
+    assert "L9:99" in html and "/neuron/L9/99" not in html           # outside the atlas: plain text
+    assert 'href="/a/atlas/concept/capital"' in html and 'href="/a/atlas/concept/symbol"' in html
+    assert "accuracy drop per relation" in html and "0.001" in html
+    assert 'download href="/a/atlas/study/relations/files/results.json"' in html
+    assert "/a/atlas/study/relations/files/report.html" in html
+    assert "key49" not in html and "raw.key" not in html and "idx" not in html   # no key dump
+    html = ok(client, "/a/atlas/study/legacy")                        # results.json without a typed report
+    assert "Accuracy falls as more neurons are switched off." in html
+    assert "k399" not in html and "langs" not in html
+    assert 'download href="/a/atlas/study/legacy/files/results.json"' in html
     r = client.get("/a/atlas/study/relations/files/overlap.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == tiny_png()
     r = client.get("/a/atlas/study/relations/files/report.html")
