@@ -446,3 +446,75 @@ def test_show_card_and_neuron_page_come_from_one_builder(web_atlas):
     src.close()
     assert {k: len(v) for k, v in plain.items()} == {k: len(v) for k, v in served.items()}
     assert plain["explanations"] == served["explanations"] and plain["selections"] == served["selections"]
+
+
+def test_neuron_page_distributions_quadrants_and_logits(client):
+    html = ok(client, "/a/atlas/neuron/L1/3")
+    hist = html.split('id="histogram"')[1].split("</section>")[0]
+    assert '<svg class="chart hist"' in hist and "p50 |a|" in hist and "p99.9 |a|" in hist and "max |a|" in hist
+    for label in ("all tokens", "capital", "animal", "symbol"):
+        assert f"<td>{label}</td>" in hist
+    glu = html.split('id="glu"')[1].split("</section>")[0]
+    assert all(f'data-quadrant="{q}"' in glu for q in ("g+u+", "g+u-", "g-u+", "g-u-"))
+    assert glu.count('class="t focus"') >= 4                        # top exemplars of the quadrants
+    logits = html.split('id="logits"')[1].split("</aside>")[0]
+    assert "·Paris" in logits and "negative" in logits
+    assert 'id="live"' not in html                                    # no model, no live box
+
+
+def _direct_recording(lm, text, layer, neuron, tmp_path):
+    """The neuron's activation on every token of ``text``, through the recorder (top-k >= tokens)."""
+    from neuronatlas.record import RecordConfig, record
+
+    rec = record(lm, PromptSet.from_rows([{"text": text, "label": "x"}]), tmp_path / "direct",
+                 config=RecordConfig(top_k=64, neuron_stats=False))
+    n_tok = int(Atlas.open(tmp_path / "direct").query("SELECT n_tokens FROM prompts").column(0)[0].as_py())
+    acts = [0.0] * n_tok
+    for k in range(rec.topk.k):
+        pos = int(rec.topk.position[layer, neuron, k])
+        if pos >= 0:
+            acts[pos] = float(rec.topk.values[layer, neuron, k])
+    return acts
+
+
+def test_live_box_equals_a_direct_recording(web_atlas, tmp_path):
+    from neuronatlas.models.tiny import tiny_model
+    from neuronatlas.web.live import LiveModel
+
+    lm = tiny_model("llama")                       # the model the web atlas was recorded with
+    live = LiveModel(lm)
+    library = Library([web_atlas])
+    live.check_atlas(library.get("atlas"))
+    local = TestClient(create_app(library, live=live), client=("127.0.0.1", 40000))
+    assert 'id="live"' in ok(local, "/a/atlas/neuron/L1/3")
+    text = "The capital of Italy is Rome, not Milan"
+    r = local.post("/a/atlas/neuron/L1/3/live", json={"text": text})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["acts"] == _direct_recording(lm, text, 1, 3, tmp_path)
+    assert data["tokens"] == lm.tokenizer.convert_ids_to_tokens(lm.tokenizer(text)["input_ids"])
+    assert "".join(data["display"]).strip().startswith("The capital")
+    # one-line errors
+    for body, status, words in [({"text": ""}, 400, "empty"), ({"text": "x" * 2001}, 400, "limit is 2000"),
+                                ({"txt": "a"}, 400, '"text"')]:
+        r = local.post("/a/atlas/neuron/L1/3/live", json=body)
+        assert r.status_code == status and words in r.json()["error"] and "\n" not in r.json()["error"]
+    r = local.post("/a/atlas/neuron/L1/3/live", content=b"text=a", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert local.post("/a/atlas/neuron/L9/3/live", json={"text": "a"}).status_code == 404
+    assert local.post("/a/atlas/neuron/L1/3/live", content=b"x" * 10_000,
+                      headers={"content-type": "application/json"}).status_code == 413
+    remote = TestClient(create_app(library, live=live), client=("10.1.2.3", 40000))
+    assert remote.post("/a/atlas/neuron/L1/3/live", json={"text": "a"}).status_code == 403
+    # without a model there is no route
+    assert client_without_model(web_atlas).post("/a/atlas/neuron/L1/3/live", json={"text": "a"}).status_code in (404, 405)
+
+
+def client_without_model(atlas):
+    return TestClient(create_app(Library([atlas])), client=("127.0.0.1", 40001))
+
+
+def test_serve_model_needs_loopback(web_atlas):
+    from neuronatlas.cli.main import main
+
+    assert main(["serve", str(web_atlas), "--model", "default", "--host", "0.0.0.0"]) == 2

@@ -312,15 +312,16 @@ class NeuronStats:
         absmax = np.concatenate([absmax, absmax.max(0, keepdims=True)])
         K, L, N, B = counts.shape
         rows = K * L * N
-        flat = counts.reshape(rows, B)
+        # rows ordered by (layer, neuron, label): one neuron's rows are adjacent (the viewer reads them together)
+        flat = np.ascontiguousarray(counts.transpose(1, 2, 0, 3)).reshape(rows, B)
         all_labels = list(labels) + [all_label]
         store.write_table(f"{rel}/histograms.parquet", pa.table({
             "record": pa.array([name] * rows).dictionary_encode(),
             "site": pa.array([site] * rows).dictionary_encode(),
-            "label": pa.array(np.repeat(all_labels, L * N)).dictionary_encode(),
-            "layer": np.tile(np.repeat(np.arange(L, dtype=np.int32), N), K),
-            "neuron": np.tile(np.arange(N, dtype=np.int32), K * L),
-            "n_tokens": flat.sum(1), "abs_max": absmax.reshape(-1),
+            "label": pa.array(np.tile(np.array(all_labels, dtype=object), L * N)).dictionary_encode(),
+            "layer": np.repeat(np.arange(L, dtype=np.int32), N * K),
+            "neuron": np.tile(np.repeat(np.arange(N, dtype=np.int32), K), L),
+            "n_tokens": flat.sum(1), "abs_max": absmax.transpose(1, 2, 0).reshape(-1),
             "counts": pa.ListArray.from_arrays(pa.array(np.arange(0, rows * B + 1, B, dtype=np.int32)),
                                                pa.array(flat.reshape(-1))),
         }))
