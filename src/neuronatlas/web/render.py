@@ -308,6 +308,8 @@ def histogram_svg(counts: Sequence[int], edges: Sequence[float], width: int = 56
     parts = [(f'<svg class="chart hist" role="img" width="{width}" height="{height + 30}" viewBox="0 0 {width} '
               f'{height + 30}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>')]
     for j, c in enumerate(counts):
+        if c <= 0:
+            continue
         k = j - m
         a = abs(k)
         lo = 0.0 if a == 0 else float(edges[a - 1])
