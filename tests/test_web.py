@@ -181,6 +181,7 @@ def test_concept_page(client):
     html = ok(client, "/a/atlas/concept/capital")
     assert "/a/atlas/neuron/L1/3" in html and "/a/atlas/neuron/L0/9" in html
     assert "accuracy_drop" in html and "0.31" in html                      # study numbers for this concept
+    assert "Selected versus random neurons · accuracy drop per relation · random drop" in html   # its report rows
     assert "/a/atlas/study/relations/files/capital_dose_response.png" in html  # its plot
     assert "overlap.png" not in html                                         # not a plot of this concept
     assert "/a/atlas/study/relations/files/report.html" in html

@@ -31,7 +31,7 @@ from neuronatlas.web.data import (
     page_count,
 )
 from neuronatlas.web.render import layer_chart_svg
-from neuronatlas.web.study import PLOT_EXTS, study_context, study_info
+from neuronatlas.web.study import PLOT_EXTS, report_concept_numbers, study_context, study_info
 
 __all__ = ["home_context", "atlas_context", "heatmap_context", "concept_context", "search_context",
            "study_context", "flatten_scalars", "concept_results", "HEATMAP_ROWS", "SEARCH_KINDS"]
@@ -236,7 +236,8 @@ def concept_context(view: AtlasView, key: str, page: int = 1, layer: int | None 
     studies = []
     for s in view.studies():
         info = study_info(view, s)
-        numbers = concept_results(view.study_results(s), concept)
+        results = view.study_results(s)
+        numbers = report_concept_numbers(results, concept) + concept_results(results, concept)
         plots = _concept_plots(info["plots"], concept)
         listed = concept in info["concepts"]
         if numbers or plots or listed:

@@ -24,7 +24,7 @@ from neuronatlas.ids import NeuronId
 from neuronatlas.report.model import Finding, Section, StudyReport, Table
 from neuronatlas.web.data import AtlasView, concept_key
 
-__all__ = ["study_context", "study_info", "cell", "PLOT_EXTS"]
+__all__ = ["study_context", "study_info", "cell", "report_concept_numbers", "PLOT_EXTS"]
 
 PLOT_EXTS = (".png", ".svg", ".jpg", ".jpeg")
 _NEURON_CELL = re.compile(r"^[Ll]\d{1,6}(?:\.[a-z]+)?:\d{1,9}$")
@@ -122,6 +122,29 @@ def _plain_findings(results: Any) -> list[dict[str, Any]]:
             else:
                 out.append({"title": str(i + 1), "text": str(f)})
     return out[:100]
+
+
+def report_concept_numbers(results: Any, concept: str, limit: int = 200) -> list[tuple[str, Any]]:
+    """(``section · caption · column``, value) for every cell of the report-table rows whose concept
+    column holds ``concept`` (the concept page shows them)."""
+    if not isinstance(results, dict) or not isinstance(results.get("report"), dict):
+        return []
+    try:
+        rep = StudyReport.from_json(results["report"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return []
+    out: list[tuple[str, Any]] = []
+    for sec in rep.sections:
+        for t in sec.tables:
+            idx = [i for i, c in enumerate(t.columns) if c in t.concept_columns]
+            for r in t.rows:
+                if any(i < len(r) and str(r[i]) == concept for i in idx):
+                    where = " · ".join(x for x in (sec.title, t.caption) if x)
+                    out.extend((f"{where} · {c}", _short(v)) for i, (c, v) in enumerate(zip(t.columns, r))
+                               if i not in idx)
+                if len(out) >= limit:
+                    return out[:limit]
+    return out
 
 
 def study_context(view: AtlasView, study: str) -> dict[str, Any]:
