@@ -193,3 +193,12 @@ def test_resume_keeps_histograms_exact(tmp_path, prompts):
         full = pq.read_table(tmp_path / f"full/records/default/{table}.parquet")
         resumed = pq.read_table(tmp_path / f"crash/records/default/{table}.parquet")
         assert full.equals(resumed), table
+
+
+def test_counts_widen_before_int32_could_overflow():
+    h = ActivationHistogram(2, 1, 4)
+    h.update(torch.ones(3, 4), torch.tensor([0, 0, 1]), layer=0)
+    assert h.counts.dtype == torch.int32
+    h.tokens[0, 0] = 2**31 - 2                      # as if label 0 had seen that many tokens already
+    h.update(torch.ones(3, 4), torch.tensor([0, 0, 1]), layer=0)
+    assert h.counts.dtype == torch.int64 and int(h.counts[0, 0, 0].sum()) == 4   # label 0, layer 0, neuron 0: 2 + 2 tokens

@@ -66,7 +66,7 @@ class ActivationHistogram:
     def __init__(self, n_labels: int, n_layers: int, n_neurons: int, device: torch.device | str = "cpu") -> None:
         self.counts = torch.zeros(n_labels, n_layers, n_neurons, N_BINS, dtype=torch.int32, device=device)
         self.absmax = torch.zeros(n_labels, n_layers, n_neurons, dtype=torch.float32, device=device)
-        self.tokens = np.zeros(n_labels, dtype=np.int64)     # tokens seen per label (per layer), for the int32 guard
+        self.tokens = np.zeros((n_labels, n_layers), dtype=np.int64)   # tokens seen per (label, layer): int32 guard
         self._edges: torch.Tensor | None = None
 
     def _on(self, device: torch.device) -> torch.Tensor:
@@ -86,10 +86,9 @@ class ActivationHistogram:
         present, inv = torch.unique(labels, return_inverse=True)
         n_tok = torch.bincount(inv, minlength=len(present)).cpu().numpy()
         pres = present.cpu().numpy()
-        if self.counts.dtype == torch.int32 and int((self.tokens[pres] + n_tok).max()) >= _I32_LIMIT:
+        if self.counts.dtype == torch.int32 and int((self.tokens[pres, layer] + n_tok).max()) >= _I32_LIMIT:
             self.counts = self.counts.long()
-        if layer == 0:
-            self.tokens[pres] += n_tok
+        self.tokens[pres, layer] += n_tok
         n = x.shape[1]
         index = (inv[:, None] * n + torch.arange(n, device=x.device)[None, :]) * N_BINS + bin_of(x, edges)
         counts = torch.bincount(index.reshape(-1), minlength=len(present) * n * N_BINS).view(len(present), n, N_BINS)
