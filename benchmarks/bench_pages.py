@@ -48,14 +48,26 @@ def add_report_study(atlas_path: Path) -> str:
     from neuronatlas.report.model import Finding, Section, StudyReport, Table
     from neuronatlas.store import Atlas
 
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     atlas = Atlas.open(atlas_path)
     study = atlas.path / "studies" / "bench-report"
     study.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(0)
-    concepts = sorted(atlas.manifest().get("studies", {}).get("relations", {}).get("concepts") or ["capital"])
-    figures = sorted(p.name for p in (atlas.path / "studies" / "relations").glob("*.png"))[:4]
+    try:
+        concepts = [str(c) for c in atlas.query("SELECT DISTINCT concept FROM selections ORDER BY 1").column(0).to_pylist()]
+    except Exception:
+        concepts = []
+    concepts = concepts or ["capital"]
+    figures = [f"figure_{i}.png" for i in range(4)]
     for name in figures:
-        (study / name).write_bytes((atlas.path / "studies" / "relations" / name).read_bytes())
+        fig, ax = plt.subplots(figsize=(4, 2.6))
+        ax.plot([0, 0.1, 0.25, 0.5, 1.0], np.sort(g.uniform(0, 1, 5))[::-1])
+        fig.savefig(study / name, dpi=80)
+        plt.close(fig)
     findings = [Finding(f"f{i}", f"Finding {i}", f"Sentence {i} of the report, produced from the numbers.",
                         rule="p < 0.05 and effect > 0", holds=bool(i % 2), numbers={"p": 0.01 * i, "effect": 0.3})
                 for i in range(5)]

@@ -85,7 +85,13 @@ def _table(t: Table, dims: tuple[int, int] | None, concepts: Mapping[str, str]) 
     concept_idx = {i for i, c in enumerate(t.columns) if c in t.concept_columns}
     rows = [[cell(v, concept_column=i in concept_idx, dims=dims, concepts=concepts) for i, v in enumerate(r)]
             for r in t.rows[:_MAX_ROWS]]
-    return {"columns": list(t.columns), "rows": rows, "caption": t.caption, "more": max(0, len(t.rows) - _MAX_ROWS)}
+    numeric = [bool(rows) and all(r[i]["num"] or r[i]["value"] is None for r in rows if i < len(r))
+               for i in range(len(t.columns))]
+    for r in rows:
+        for i, c in enumerate(r):
+            c["num"] = c["num"] or (i < len(numeric) and numeric[i])
+    return {"columns": list(t.columns), "numeric": numeric, "rows": rows, "caption": t.caption,
+            "more": max(0, len(t.rows) - _MAX_ROWS)}
 
 
 def _section(rep: StudyReport, s: Section, files: list[str], dims: tuple[int, int] | None,
