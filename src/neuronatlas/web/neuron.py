@@ -29,10 +29,10 @@ _SIDE_NAMES = {"out": "output (W_U · down-proj column)", "out_normed": "output,
                "in_up": "input (W_U · up-proj row)", "in_gate": "input (W_U · gate-proj row)",
                "in": "input (W_U · input row)"}
 QUADRANT_MEANING = {
-    "g+u+": "gate open, up positive: large positive output (the neuron's main 'on' mode)",
-    "g+u-": "gate open, up negative: large negative output (writes minus its output direction)",
-    "g-u+": "gate closed, up positive: small negative output (SiLU/GELU of a negative gate is small and negative)",
-    "g-u-": "gate closed, up negative: small positive output",
+    "g+u+": "gate open, up positive: positive output, up to the full act(gate) * up",
+    "g+u-": "gate open, up negative: negative output (writes minus its output direction)",
+    "g-u+": "gate closed, up positive: negative output, at most 0.28 x up (SiLU; 0.17 x up for GELU)",
+    "g-u-": "gate closed, up negative: positive output, at most 0.28 x |up| (SiLU; 0.17 x |up| for GELU)",
 }
 LOGIT_SIDES = ("out_normed", "out")
 N_LOGITS = 10
