@@ -186,19 +186,23 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="model for the recorder cost ('' skips it)")
     ap.add_argument("--record-prompts", type=int, default=64)
     ap.add_argument("--record-repeats", type=int, default=3)
+    ap.add_argument("--skip-pages", action="store_true", help="only the recorder cost")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     atlas = args.atlas
-    if atlas is None:
+    data: dict[str, Any] = {"machine": machine(), "repeats": args.repeats}
+    t0 = time.perf_counter()
+    if args.skip_pages:
+        pass
+    elif atlas is None:
         from bench_web import build_atlas
 
         atlas = build_atlas(args.workdir or Path(tempfile.mkdtemp(prefix="bench-pages-")))
-    study = args.study or add_report_study(atlas)
-    t0 = time.perf_counter()
-    pages = bench_pages(atlas, study, args.repeats)
-    data: dict[str, Any] = {"machine": machine(), "atlas": str(atlas), "study": study, "repeats": args.repeats,
-                            "pages": pages}
-    for page, r in pages.items():
+    if not args.skip_pages:
+        assert atlas is not None
+        study = args.study or add_report_study(atlas)
+        data.update(atlas=str(atlas), study=study, pages=bench_pages(atlas, study, args.repeats))
+    for page, r in data.get("pages", {}).items():
         print(f"{page:8s} render p50 {r['render_p50_ms']:8.2f} ms  p99 {r['render_p99_ms']:8.2f} ms | "
               f"rows alone p50 {r['rows_p50_ms']:8.2f} ms  p99 {r['rows_p99_ms']:8.2f} ms | x{r['ratio_p50']:.2f}")
     if args.model:

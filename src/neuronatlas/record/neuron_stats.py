@@ -18,7 +18,7 @@ device of the activations they are fed) and the bundle the recorder drives:
     >>> from neuronatlas.record.neuron_stats import ActivationHistogram, EDGES
     >>> h = ActivationHistogram(n_labels=2, n_layers=30, n_neurons=1536)
     >>> h.update(acts, token_labels, layer=12)          # acts: (tokens, neurons); token_labels: (tokens,)
-    >>> h.counts.shape                                  # (labels, layers, neurons, 51)
+    >>> h.counts.shape                                  # (layers, labels, neurons, 51)
     >>> h.merge(other_shard)
 """
 
@@ -57,14 +57,16 @@ def bin_of(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
 
 
 class ActivationHistogram:
-    """Exact counts of activations per (label, layer, neuron, signed log-spaced bin) and ``max |a|``.
+    """Exact counts of activations per (layer, label, neuron, signed log-spaced bin) and ``max |a|``.
 
-    Counts are int32 while every label has fewer than 2**31 tokens and int64 after (exact either way);
-    memory: labels x layers x neurons x 51 x 4 bytes.
+    ``counts`` is (layers, labels, neurons, 51) so that one layer's update is one ``scatter_add_`` into
+    a contiguous block; ``absmax`` is (labels, layers, neurons). Counts are int32 while every label has
+    fewer than 2**31 tokens and int64 after (exact either way); memory: labels x layers x neurons x 51
+    x 4 bytes.
     """
 
     def __init__(self, n_labels: int, n_layers: int, n_neurons: int, device: torch.device | str = "cpu") -> None:
-        self.counts = torch.zeros(n_labels, n_layers, n_neurons, N_BINS, dtype=torch.int32, device=device)
+        self.counts = torch.zeros(n_layers, n_labels, n_neurons, N_BINS, dtype=torch.int32, device=device)
         self.absmax = torch.zeros(n_labels, n_layers, n_neurons, dtype=torch.float32, device=device)
         self.tokens = np.zeros((n_labels, n_layers), dtype=np.int64)   # tokens seen per (label, layer): int32 guard
         self._edges: torch.Tensor | None = None
@@ -90,11 +92,15 @@ class ActivationHistogram:
             self.counts = self.counts.long()
         self.tokens[pres, layer] += n_tok
         n = x.shape[1]
-        index = (inv[:, None] * n + torch.arange(n, device=x.device)[None, :]) * N_BINS + bin_of(x, edges)
-        counts = torch.bincount(index.reshape(-1), minlength=len(present) * n * N_BINS).view(len(present), n, N_BINS)
-        self.counts[present, layer] += counts.to(self.counts.dtype)
-        amax = torch.zeros(len(present), n, device=x.device).scatter_reduce_(
-            0, inv[:, None].expand(-1, n), x.abs(), "amax")
+        dev = x.device
+        index = (labels[:, None] * n + torch.arange(n, device=dev)[None, :]) * N_BINS + bin_of(x, edges)
+        flat = self.counts[layer].view(-1)                       # contiguous (labels * neurons * bins)
+        flat.scatter_add_(0, index.reshape(-1), torch.ones(1, dtype=flat.dtype, device=dev).expand(index.numel()))
+        mag = x.abs()
+        if len(present) == 1:
+            amax = mag.amax(0, keepdim=True)
+        else:
+            amax = torch.stack([mag[inv == i].amax(0) for i in range(len(present))])
         self.absmax[present, layer] = torch.maximum(self.absmax[present, layer], amax)
 
     def merge(self, other: ActivationHistogram) -> ActivationHistogram:
@@ -116,7 +122,7 @@ class ActivationHistogram:
     def from_state(cls, state: dict[str, np.ndarray]) -> ActivationHistogram:
         if not np.array_equal(state["edges"], EDGES):
             raise AtlasError("this histogram state has other bin edges than neuronatlas.record.neuron_stats.EDGES")
-        k, layers, n, _ = state["counts"].shape
+        layers, k, n, _ = state["counts"].shape
         h = cls(k, layers, n)
         h.counts = torch.from_numpy(np.ascontiguousarray(state["counts"]))
         h.absmax = torch.from_numpy(np.ascontiguousarray(state["absmax"]))
@@ -168,19 +174,19 @@ class GluQuadrants:
         x = x.float()
         dev = x.device
         self._to(dev)
-        q = (~gate_pos.to(dev)).long() * 2 + (~up_pos.to(dev)).long()               # (tokens, neurons)
-        n = x.shape[1]
-        self.counts[layer] += torch.bincount((torch.arange(n, device=dev)[None, :] * 4 + q).reshape(-1),
-                                             minlength=n * 4).view(n, 4)
+        gt, ut = gate_pos.to(dev).T.contiguous(), up_pos.to(dev).T.contiguous()  # (neurons, tokens) bool
+        masks = (gt & ut, gt & ~ut, ~gt & ut, ~(gt | ut))                           # QUADRANTS order
+        self.counts[layer] += torch.stack([m.sum(1) for m in masks], dim=1)
         kk = min(self.k, x.shape[0])
-        mag = x.abs()
+        xt = x.T.contiguous()                                                       # (neurons, tokens)
+        mag = xt.abs()
         p32, pos32 = prompt.to(dev, torch.int32), position.to(dev, torch.int32)
         for qi in range(4):
-            vals, idx = torch.where(q == qi, mag, float("-inf")).topk(kk, dim=0)    # (kk, neurons)
-            vals, idx = vals.T, idx.T
+            vals, idx = torch.where(masks[qi], mag, float("-inf")).topk(kk, dim=1)   # (neurons, kk)
+            empty = torch.isinf(vals)
             merged = _merge_topk(self.values[layer, :, qi], self.prompt[layer, :, qi], self.position[layer, :, qi],
-                                 self.act[layer, :, qi], vals, torch.where(torch.isinf(vals), -1, p32[idx]),
-                                 torch.where(torch.isinf(vals), -1, pos32[idx]), x.T.gather(1, idx))
+                                 self.act[layer, :, qi], vals, torch.where(empty, -1, p32[idx]),
+                                 torch.where(empty, -1, pos32[idx]), torch.where(empty, 0.0, xt.gather(1, idx)))
             (self.values[layer, :, qi], self.prompt[layer, :, qi], self.position[layer, :, qi],
              self.act[layer, :, qi]) = merged
 
@@ -305,14 +311,14 @@ class NeuronStats:
         if self.hist is None:
             return
         rel = f"records/{name}"
-        counts = self.hist.counts.cpu().numpy().astype(np.int64)                   # (K, L, N, B)
-        counts = np.concatenate([counts, counts.sum(0, keepdims=True)])
+        counts = self.hist.counts.cpu().numpy().astype(np.int64)                   # (L, K, N, B)
+        counts = np.concatenate([counts, counts.sum(1, keepdims=True)], axis=1)
         absmax = self.hist.absmax.cpu().numpy()
         absmax = np.concatenate([absmax, absmax.max(0, keepdims=True)])
-        K, L, N, B = counts.shape
+        L, K, N, B = counts.shape
         rows = K * L * N
         # rows ordered by (layer, neuron, label): one neuron's rows are adjacent (the viewer reads them together)
-        flat = np.ascontiguousarray(counts.transpose(1, 2, 0, 3)).reshape(rows, B)
+        flat = np.ascontiguousarray(counts.transpose(0, 2, 1, 3)).reshape(rows, B)
         all_labels = list(labels) + [all_label]
         store.write_table(f"{rel}/histograms.parquet", pa.table({
             "record": pa.array([name] * rows).dictionary_encode(),
