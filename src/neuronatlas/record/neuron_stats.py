@@ -47,6 +47,7 @@ CENTER = len(EDGES)              # index of the |a| < 1e-3 bin; bin CENTER + m h
 N_BINS = 2 * len(EDGES) + 1      # 51: [-overflow, ..., -1e-3), (-1e-3, 1e-3), [1e-3, ...), [.., +overflow]
 QUADRANTS = ("g+u+", "g+u-", "g-u+", "g-u-")   # (gate >= 0, up >= 0) combinations, in index order
 _I32_LIMIT = 2**31 - 1
+GLU_TOP_K = 5                    # exemplars kept per quadrant (at most the record's top_k)
 
 
 def bin_of(x: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
@@ -100,7 +101,7 @@ class ActivationHistogram:
         if len(present) == 1:
             amax = mag.amax(0, keepdim=True)
         else:
-            amax = torch.stack([mag[inv == i].amax(0) for i in range(len(present))])
+            amax = torch.zeros(len(present), n, device=dev).scatter_reduce_(0, inv[:, None].expand(-1, n), mag, "amax")
         self.absmax[present, layer] = torch.maximum(self.absmax[present, layer], amax)
 
     def merge(self, other: ActivationHistogram) -> ActivationHistogram:
@@ -133,10 +134,10 @@ class ActivationHistogram:
 def _merge_topk(values: torch.Tensor, prompt: torch.Tensor, position: torch.Tensor, act: torch.Tensor,
                 c_values: torch.Tensor, c_prompt: torch.Tensor, c_position: torch.Tensor,
                 c_act: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Best ``k`` of current lists (units, k) and candidates (units, c) by value (ties: current first)."""
+    """Best ``k`` of current lists (units, k) and candidates (units, c) by value."""
     k = values.shape[-1]
     v = torch.cat([values, c_values], -1)
-    order = torch.sort(v, dim=-1, descending=True, stable=True).indices[..., :k]
+    order = v.topk(k, dim=-1).indices          # empty slots are identical (-inf, -1, -1, 0): their order is moot
     return (v.gather(-1, order), torch.cat([prompt, c_prompt], -1).gather(-1, order),
             torch.cat([position, c_position], -1).gather(-1, order), torch.cat([act, c_act], -1).gather(-1, order))
 
@@ -176,7 +177,8 @@ class GluQuadrants:
         self._to(dev)
         gt, ut = gate_pos.to(dev).T.contiguous(), up_pos.to(dev).T.contiguous()  # (neurons, tokens) bool
         masks = (gt & ut, gt & ~ut, ~gt & ut, ~(gt | ut))                           # QUADRANTS order
-        self.counts[layer] += torch.stack([m.sum(1) for m in masks], dim=1)
+        n_g, n_u, n_gu = gt.sum(1), ut.sum(1), masks[0].sum(1)                    # three sums give all four
+        self.counts[layer] += torch.stack([n_gu, n_g - n_gu, n_u - n_gu, x.shape[0] - n_g - n_u + n_gu], dim=1)
         kk = min(self.k, x.shape[0])
         xt = x.T.contiguous()                                                       # (neurons, tokens)
         mag = xt.abs()
@@ -262,8 +264,8 @@ class NeuronStats:
 
         The quadrants are kept for the ``mlp`` site of gated models (the ``gate`` site is read before
         the up projection runs, and is not the product the quadrants split)."""
-        ns = cls(n_labels, lm.n_layers, lm.n_neurons, gated=lm.spec.gated and component is Component.MLP, k=k,
-                 enabled=enabled)
+        ns = cls(n_labels, lm.n_layers, lm.n_neurons, gated=lm.spec.gated and component is Component.MLP,
+                 k=min(k, GLU_TOP_K), enabled=enabled)
         if enabled and checkpoint is not None:
             rel = str((checkpoint / "neuron_stats.safetensors").relative_to(store.path))
             state = store.read_arrays(rel)
