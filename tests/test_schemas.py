@@ -19,7 +19,7 @@ def test_paths_map_to_schemas():
     assert schema_for("corpus_exemplars.parquet") is CORPUS_EXEMPLARS
     assert schema_for("notes.parquet") is None and schema_for("records/x/other.parquet") is None
     assert set(TABLES) == {"prompts", "stats", "exemplars", "decoded", "selections", "explanations",
-                           "corpus_docs", "corpus_exemplars"}
+                           "corpus_docs", "corpus_exemplars", "histograms", "glu_signs", "glu_exemplars"}
     assert all(t.doc and t.names for t in TABLES.values())
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from neuronatlas.data.prompts import PromptSet
+from neuronatlas.report.model import Finding, Section, StudyReport, Table
 from neuronatlas.store import Atlas
 
 fastapi = pytest.importorskip("fastapi")
@@ -39,6 +40,21 @@ PROMPTS = [
 ODD_CONCEPT = "emotion: joy/sad"
 EXPLAINED = {(1, 3): "capital cities such as Paris and Tokyo", (0, 7): "animal words like dog and cat",
              (1, 20): "chemical symbols 100% of the time"}
+
+
+STUDY_REPORT = StudyReport(
+    "relations", "Relation-specific neurons", intro="Which neurons carry a relation, and what switching them off does.",
+    setup={"model": "tiny-llama", "n_select": 6, "langs": ["en", "de"]},
+    findings=[Finding("cumulativity", "Cumulativity", "Accuracy falls as more selected neurons are deactivated.",
+                      rule="slope < 0 and p_trend < 0.05", holds=True, numbers={"slope": -0.31, "p_trend": 0.004}),
+              Finding("interference", "Interference", "Deactivating capital neurons leaves symbol facts intact.",
+                      rule="McNemar p < 0.05 after BH", holds=False, numbers={"p": 0.41})],
+    sections=[Section("Selected versus random neurons", "cumulativity", figures=["capital_dose_response.png", "gone.png"],
+                      tables=[Table(["relation", "neuron", "drop", "random drop", "p"],
+                                    [["capital", "L1:3", 0.31, 0.02, 0.001], ["animal", "L0:7", 0.12, None, 0.2],
+                                     ["symbol", "L9:99", 0.0, 0.0, 1.0]],
+                                    caption="accuracy drop per relation", concept_columns=["relation"])]),
+              Section("Overlap", "Selections of different relations barely overlap.", figures=["overlap.png"])])
 
 
 def tiny_png() -> bytes:
@@ -105,11 +121,18 @@ def build_web_atlas(root: Path) -> Path:
     study.mkdir(parents=True)
     (study / "results.json").write_text(json.dumps({
         "n_neurons": 6, "concepts": {"capital": {"accuracy_drop": 0.31, "random_drop": 0.02, "n": 4},
-                                     "animal": {"accuracy_drop": 0.12}}}))
+                                     "animal": {"accuracy_drop": 0.12}},
+        "raw": {f"key{i}": {"idx": list(range(30)), "value": i} for i in range(50)},     # never shown as a dump
+        "report": STUDY_REPORT.to_json()}))
     (study / "report.html").write_text("<html><body><h1>relations report</h1></body></html>")
     (study / "capital_dose_response.png").write_bytes(tiny_png())
     (study / "overlap.png").write_bytes(tiny_png())
     (study / "notes.txt").write_text("not servable")
+    legacy = path / "studies" / "legacy"
+    legacy.mkdir(parents=True)
+    (legacy / "results.json").write_text(json.dumps({
+        "findings": {"cumulativity": "Accuracy falls as more neurons are switched off."},
+        "config": {"langs": ["en", "de"]}, "raw": {f"k{i}": i for i in range(400)}}))
     (root / "secret.png").write_bytes(b"secret outside the atlas")
     (study / "leak.png").symlink_to(root / "secret.png")
     atlas.update_manifest(lambda m: m["studies"].__setitem__("relations", {
@@ -158,6 +181,7 @@ def test_concept_page(client):
     html = ok(client, "/a/atlas/concept/capital")
     assert "/a/atlas/neuron/L1/3" in html and "/a/atlas/neuron/L0/9" in html
     assert "accuracy_drop" in html and "0.31" in html                      # study numbers for this concept
+    assert "Selected versus random neurons · accuracy drop per relation · random drop" in html   # its report rows
     assert "/a/atlas/study/relations/files/capital_dose_response.png" in html  # its plot
     assert "overlap.png" not in html                                         # not a plot of this concept
     assert "/a/atlas/study/relations/files/report.html" in html
@@ -222,7 +246,24 @@ def test_search_pagination(client):
 
 def test_study_page_and_files(client):
     html = ok(client, "/a/atlas/study/relations")
-    assert "n_neurons" in html and "overlap.png" in html and "capital_dose_response.png" in html
+    assert "<h1>Relation-specific neurons</h1>" in html
+    for f in STUDY_REPORT.findings:                                   # findings in full, with their rules
+        assert f.text in html and f.rule.replace("<", "&lt;") in html
+    assert "does not hold" in html and "holds</span>" in html
+    assert '<img src="/a/atlas/study/relations/files/capital_dose_response.png"' in html
+    assert '<img src="/a/atlas/study/relations/files/overlap.png"' in html
+    assert "gone.png is not in the study folder" in html
+    assert 'href="/a/atlas/neuron/L1/3"' in html and 'href="/a/atlas/neuron/L0/7"' in html
+    assert "L9:99" in html and "/neuron/L9/99" not in html           # outside the atlas: plain text
+    assert 'href="/a/atlas/concept/capital"' in html and 'href="/a/atlas/concept/symbol"' in html
+    assert "accuracy drop per relation" in html and "0.001" in html
+    assert 'download href="/a/atlas/study/relations/files/results.json"' in html
+    assert "/a/atlas/study/relations/files/report.html" in html
+    assert "key49" not in html and "raw.key" not in html and "idx" not in html   # no key dump
+    html = ok(client, "/a/atlas/study/legacy")                        # results.json without a typed report
+    assert "Accuracy falls as more neurons are switched off." in html
+    assert "k399" not in html and "langs" not in html
+    assert 'download href="/a/atlas/study/legacy/files/results.json"' in html
     r = client.get("/a/atlas/study/relations/files/overlap.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == tiny_png()
     r = client.get("/a/atlas/study/relations/files/report.html")
@@ -406,3 +447,75 @@ def test_show_card_and_neuron_page_come_from_one_builder(web_atlas):
     src.close()
     assert {k: len(v) for k, v in plain.items()} == {k: len(v) for k, v in served.items()}
     assert plain["explanations"] == served["explanations"] and plain["selections"] == served["selections"]
+
+
+def test_neuron_page_distributions_quadrants_and_logits(client):
+    html = ok(client, "/a/atlas/neuron/L1/3")
+    hist = html.split('id="histogram"')[1].split("</section>")[0]
+    assert '<svg class="chart hist"' in hist and "p50 |a|" in hist and "p99.9 |a|" in hist and "max |a|" in hist
+    for label in ("all tokens", "capital", "animal", "symbol"):
+        assert f"<td>{label}</td>" in hist
+    glu = html.split('id="glu"')[1].split("</section>")[0]
+    assert all(f'data-quadrant="{q}"' in glu for q in ("g+u+", "g+u-", "g-u+", "g-u-"))
+    assert glu.count('class="t focus"') >= 4                        # top exemplars of the quadrants
+    logits = html.split('id="logits"')[1].split("</aside>")[0]
+    assert "·Paris" in logits and "negative" in logits
+    assert 'id="live"' not in html                                    # no model, no live box
+
+
+def _direct_recording(lm, text, layer, neuron, tmp_path):
+    """The neuron's activation on every token of ``text``, through the recorder (top-k >= tokens)."""
+    from neuronatlas.record import RecordConfig, record
+
+    rec = record(lm, PromptSet.from_rows([{"text": text, "label": "x"}]), tmp_path / "direct",
+                 config=RecordConfig(top_k=64, neuron_stats=False))
+    n_tok = int(Atlas.open(tmp_path / "direct").query("SELECT n_tokens FROM prompts").column(0)[0].as_py())
+    acts = [0.0] * n_tok
+    for k in range(rec.topk.k):
+        pos = int(rec.topk.position[layer, neuron, k])
+        if pos >= 0:
+            acts[pos] = float(rec.topk.values[layer, neuron, k])
+    return acts
+
+
+def test_live_box_equals_a_direct_recording(web_atlas, tmp_path):
+    from neuronatlas.models.tiny import tiny_model
+    from neuronatlas.web.live import LiveModel
+
+    lm = tiny_model("llama")                       # the model the web atlas was recorded with
+    live = LiveModel(lm)
+    library = Library([web_atlas])
+    live.check_atlas(library.get("atlas"))
+    local = TestClient(create_app(library, live=live), client=("127.0.0.1", 40000))
+    assert 'id="live"' in ok(local, "/a/atlas/neuron/L1/3")
+    text = "The capital of Italy is Rome, not Milan"
+    r = local.post("/a/atlas/neuron/L1/3/live", json={"text": text})
+    assert r.status_code == 200, r.text
+    data = r.json()
+    assert data["acts"] == _direct_recording(lm, text, 1, 3, tmp_path)
+    assert data["tokens"] == lm.tokenizer.convert_ids_to_tokens(lm.tokenizer(text)["input_ids"])
+    assert "".join(data["display"]).strip().startswith("The capital")
+    # one-line errors
+    for body, status, words in [({"text": ""}, 400, "empty"), ({"text": "x" * 2001}, 400, "limit is 2000"),
+                                ({"txt": "a"}, 400, '"text"')]:
+        r = local.post("/a/atlas/neuron/L1/3/live", json=body)
+        assert r.status_code == status and words in r.json()["error"] and "\n" not in r.json()["error"]
+    r = local.post("/a/atlas/neuron/L1/3/live", content=b"text=a", headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    assert local.post("/a/atlas/neuron/L9/3/live", json={"text": "a"}).status_code == 404
+    assert local.post("/a/atlas/neuron/L1/3/live", content=b"x" * 10_000,
+                      headers={"content-type": "application/json"}).status_code == 413
+    remote = TestClient(create_app(library, live=live), client=("10.1.2.3", 40000))
+    assert remote.post("/a/atlas/neuron/L1/3/live", json={"text": "a"}).status_code == 403
+    # without a model there is no route
+    assert client_without_model(web_atlas).post("/a/atlas/neuron/L1/3/live", json={"text": "a"}).status_code in (404, 405)
+
+
+def client_without_model(atlas):
+    return TestClient(create_app(Library([atlas])), client=("127.0.0.1", 40001))
+
+
+def test_serve_model_needs_loopback(web_atlas):
+    from neuronatlas.cli.main import main
+
+    assert main(["serve", str(web_atlas), "--model", "default", "--host", "0.0.0.0"]) == 2

@@ -29,7 +29,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright pac
 uvicorn = pytest.importorskip("uvicorn")
 
 # tests/ is on sys.path under pytest's default (prepend) import mode
-from test_web import build_web_atlas
+from test_web import STUDY_REPORT, _direct_recording, build_web_atlas
 
 from neuronatlas.web import Library, create_app
 from neuronatlas.web.app import LOOPBACK_HOSTS
@@ -37,8 +37,14 @@ from neuronatlas.web.app import LOOPBACK_HOSTS
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[str]:
+    from neuronatlas.models.tiny import tiny_model
+    from neuronatlas.web.live import LiveModel
+
     atlas = build_web_atlas(tmp_path_factory.mktemp("browser"))
-    app = create_app(Library([atlas]), allowed_hosts=LOOPBACK_HOSTS)
+    library = Library([atlas])
+    live = LiveModel(tiny_model("llama"))           # the model the atlas was recorded with: the live box is on
+    live.check_atlas(library.get("atlas"))
+    app = create_app(library, allowed_hosts=LOOPBACK_HOSTS, live=live)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -136,3 +142,52 @@ def test_search_and_heatmap(page, server, tmp_path):
     page.goto(server + "/a/atlas/neuron/Lx/abc")  # an error page is a styled HTML page too
     assert "400" in page.locator("h1").inner_text()
     assert page.locator("header.top").evaluate("el => getComputedStyle(el).display") == "flex"
+
+
+def test_study_page_shows_the_report(page, server, tmp_path):
+    page.problems.clear()             # the previous test ends on a deliberate 400 page
+    page.goto(server + "/a/atlas/study/relations")
+    assert page.locator("h1").inner_text() == "Relation-specific neurons"
+    findings = page.locator("#findings .finding")
+    assert findings.count() == len(STUDY_REPORT.findings)
+    for f in STUDY_REPORT.findings:
+        box = page.locator(f"#finding-{f.key}")
+        assert box.get_by_text(f.text, exact=True).is_visible() and box.get_by_text(f.rule).is_visible()
+    img = page.locator("img[alt='capital_dose_response.png']")
+    assert img.is_visible() and img.evaluate("img => img.complete && img.naturalWidth") == 2
+    body = page.locator("main").inner_text()
+    assert "key49" not in body and "raw." not in body and "idx" not in body      # no key dump
+    assert page.locator("main").evaluate("el => el.scrollHeight") < 3000
+    shot(page, tmp_path, "study")
+    page.locator("table.report a.nid", has_text="L1/3").click()
+    page.wait_for_url("**/neuron/L1/3")
+    assert not page.problems, page.problems
+
+
+def test_neuron_histogram_quadrants_and_live_box(page, server, tmp_path):
+    from neuronatlas.models.tiny import tiny_model
+
+    page.problems.clear()
+    page.goto(server + "/a/atlas/neuron/L1/3")
+    bars = page.locator("#histogram svg.hist rect")
+    assert bars.count() >= 5 and bars.first.is_visible()
+    assert page.locator("#histogram table.pct tr.total td").first.inner_text() == "all tokens"
+    rows = page.locator("#glu tr.quadrant")
+    assert rows.count() == 4 and rows.first.is_visible()
+    shares = [float(rows.nth(i).locator("td.share").inner_text().rstrip("%")) for i in range(4)]
+    assert abs(sum(shares) - 100) < 0.1
+    assert page.locator("#logits .chip", has_text="Paris").first.is_visible()
+    text = "The capital of Italy is Rome"
+    page.locator("#live-text").fill(text)
+    page.locator("#live-run").click()
+    page.locator("#live-out .toks .t").first.wait_for()
+    got = [float(x) for x in page.locator("#live-out .t").evaluate_all("els => els.map(e => e.dataset.act)")]
+    expected = _direct_recording(tiny_model("llama"), text, 1, 3, tmp_path)
+    assert got == expected
+    assert page.locator("#live-out .t[style*='background-color']").count() >= 1     # highlighted like exemplars
+    shot(page, tmp_path, "neuron-live")
+    assert not page.problems, page.problems
+    page.locator("#live-text").fill("")                # a one-line error (the browser logs the 400 itself)
+    page.locator("#live-run").click()
+    page.locator("#live-out.err").wait_for()
+    assert page.locator("#live-out").inner_text() == "the text is empty; type a sentence first"

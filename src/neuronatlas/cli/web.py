@@ -8,7 +8,17 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from neuronatlas.cli.common import JsonOpt, console, emit, err_console, out_dir, progress_bar
+from neuronatlas.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    console,
+    emit,
+    err_console,
+    load_model_cli,
+    out_dir,
+    progress_bar,
+)
 
 __all__ = ["register"]
 
@@ -22,8 +32,11 @@ def serve_cmd(
     port: Annotated[int, typer.Option(help="TCP port (1-65535)")] = 8765,
     memory_mb: Annotated[int, typer.Option(help="memory per atlas for sorted in-memory copies of its tables (fast "
                                                 "pages); tables beyond it are read from Parquet (0: none)")] = 1024,
+    model: Annotated[str | None, typer.Option(help="also load this model (the atlas's own, e.g. default) for the "
+                                                   "neuron pages' 'try your own text' box; loopback hosts only")] = None,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu",
 ) -> None:
-    """Browse atlases in a local, read-only web app (never loads a model)."""
+    """Browse atlases in a local, read-only web app (loads a model only with --model)."""
     from neuronatlas.web import BadRequest, Library
     from neuronatlas.web.app import is_loopback, serve
 
@@ -31,7 +44,17 @@ def serve_cmd(
         raise BadRequest(f"port {port} is out of range; use 1-65535 (default 8765)")
     if memory_mb < 0:
         raise BadRequest(f"--memory-mb {memory_mb} is negative; use 0 or more")
+    if model is not None and not is_loopback(host):
+        raise BadRequest(f"--model needs a loopback --host (127.0.0.1 or localhost), not {host!r}: the live box "
+                         "runs the model for whoever can reach the server")
     library = Library(atlases, memory_mb=memory_mb)
+    live = None
+    if model is not None:
+        from neuronatlas.web.live import LiveModel
+
+        live = LiveModel(load_model_cli(model, dtype, device))
+        for view in library:
+            live.check_atlas(view)
     if not is_loopback(host):
         err_console.print(f"[bold yellow]warning:[/bold yellow] binding {host}:{port} makes every served atlas "
                           "readable by anyone who can reach this machine (no authentication, plain HTTP). "
@@ -42,7 +65,7 @@ def serve_cmd(
         err_console.print(f"serving [bold]{view.atlas.path}[/bold] at http://{shown}:{port}/a/{view.slug}",
                           highlight=False, soft_wrap=True)
     err_console.print(f"loading tables; then open http://{shown}:{port}/ (Ctrl-C stops)", highlight=False)
-    serve(library, host=host, port=port)
+    serve(library, host=host, port=port, live=live)
 
 
 def export_cmd(

@@ -7,7 +7,8 @@ and the viewer's neuron page (:func:`neuron_context <neuronatlas.web.neuron.neur
 Sections are empty when their table (or the neuron's rows) is missing: ``stats`` (per-label statistics
 of every record), ``decoded`` (top tokens through the unembedding), ``exemplars`` (record top-k prompt
 tokens, with their prompts), ``corpus`` (top and random corpus exemplars with activation windows),
-``explanations`` and ``selections``. Column names come from :mod:`neuronatlas.store.schemas`.
+``explanations``, ``selections``, ``histograms`` (activation histograms per record and label),
+``glu_signs`` and ``glu_exemplars`` (gate/up sign quadrants of gated MLPs). Column names come from :mod:`neuronatlas.store.schemas`.
 
     >>> from neuronatlas.explain.card import AtlasSource, neuron_card, neuron_sections
     >>> card = neuron_card("my-atlas", 1, 3, n_top=5)
@@ -30,6 +31,9 @@ from neuronatlas.store.schemas import (
     DECODED,
     EXEMPLARS,
     EXPLANATIONS,
+    GLU_EXEMPLARS,
+    GLU_SIGNS,
+    HISTOGRAMS,
     SELECTIONS,
     STATS,
     TableSchema,
@@ -40,7 +44,8 @@ __all__ = ["AtlasSource", "CardSource", "SECTIONS", "neuron_card", "neuron_secti
 ALL_LABEL = "__all__"
 # section name -> the table it reads
 SECTIONS = {"stats": STATS, "decoded": DECODED, "exemplars": EXEMPLARS, "corpus": CORPUS_EXEMPLARS,
-            "explanations": EXPLANATIONS, "selections": SELECTIONS}
+            "explanations": EXPLANATIONS, "selections": SELECTIONS, "histograms": HISTOGRAMS, "glu_signs": GLU_SIGNS,
+            "glu_exemplars": GLU_EXEMPLARS}
 DecodedRows = Callable[[int, int, int], list[dict[str, Any]]]
 
 
@@ -114,11 +119,12 @@ def _decoded(src: CardSource, layer: int, neuron: int, n_ranks: int) -> list[dic
                     "score DESC", [layer, neuron, n_ranks])
 
 
-def _record_exemplars(src: CardSource, layer: int, neuron: int, n: int) -> list[dict[str, Any]]:
-    if not src.has("exemplars", "layer", "neuron", "prompt_id", "position"):
+def _record_exemplars(src: CardSource, layer: int, neuron: int, n: int, table: TableSchema = EXEMPLARS,
+                      order: str = "record, rank, activation DESC") -> list[dict[str, Any]]:
+    if not src.has(table.name, "layer", "neuron", "prompt_id", "position"):
         return []
-    rows = src.rows(f"SELECT {src.select('exemplars', _cols(EXEMPLARS))} FROM exemplars WHERE layer = ? AND neuron = ? "
-                    "AND coalesce(rank, 0) < ? ORDER BY record, rank, activation DESC", [layer, neuron, n])
+    rows = src.rows(f"SELECT {src.select(table.name, _cols(table))} FROM {table.name} WHERE layer = ? AND neuron = ? "
+                    f"AND coalesce(rank, 0) < ? ORDER BY {order}", [layer, neuron, n])
     prompts: dict[tuple[str, int], dict[str, Any]] = {}
     if rows and src.has("prompts", "prompt_id", "tokens"):
         ids = sorted({int(r["prompt_id"]) for r in rows})
@@ -145,6 +151,20 @@ def _explanations(src: CardSource, layer: int, neuron: int) -> list[dict[str, An
                     "WHERE layer = ? AND neuron = ? ORDER BY score DESC NULLS LAST", [layer, neuron])
 
 
+def _histograms(src: CardSource, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not src.has("histograms", "layer", "neuron", "counts"):
+        return []
+    return src.rows(f"SELECT {src.select('histograms', _cols(HISTOGRAMS))} FROM histograms WHERE layer = ? "
+                    "AND neuron = ? ORDER BY record, site", [layer, neuron])
+
+
+def _glu_signs(src: CardSource, layer: int, neuron: int) -> list[dict[str, Any]]:
+    if not src.has("glu_signs", "layer", "neuron", "quadrant"):
+        return []
+    return src.rows(f"SELECT {src.select('glu_signs', _cols(GLU_SIGNS))} FROM glu_signs WHERE layer = ? "
+                    "AND neuron = ? ORDER BY record, site, quadrant", [layer, neuron])
+
+
 def _selections(src: CardSource, layer: int, neuron: int) -> list[dict[str, Any]]:
     if not src.has("selections", "layer", "neuron", "concept"):
         return []
@@ -153,12 +173,13 @@ def _selections(src: CardSource, layer: int, neuron: int) -> list[dict[str, Any]
 
 
 def neuron_sections(src: CardSource, layer: int, neuron: int, *, n_decoded: int = 20, n_exemplars: int = 20,
-                    decoded_rows: DecodedRows | None = None) -> dict[str, list[dict[str, Any]]]:
+                    decoded_rows: DecodedRows | None = None, n_glu: int = 5) -> dict[str, list[dict[str, Any]]]:
     """Every section's rows for one neuron (see the module docstring), one query per section.
 
     ``decoded`` rows (side, direction, rank, token, score) have rank < ``n_decoded`` ("top" before
     "bottom"); exemplar sections keep ranks < ``n_exemplars``; record exemplars carry their ``prompt``
-    row (or None). ``decoded_rows(layer, neuron, n_decoded)`` replaces the decoded query (the viewer
+    row (or None); ``histograms`` (per record and label), ``glu_signs`` (tokens per gate/up sign quadrant)
+    and ``glu_exemplars`` (ranks < ``n_glu`` per quadrant, with their prompts). ``decoded_rows(layer, neuron, n_decoded)`` replaces the decoded query (the viewer
     answers it from an in-memory copy).
     """
     decoded = decoded_rows(layer, neuron, n_decoded) if decoded_rows is not None else _decoded(src, layer, neuron,
@@ -166,7 +187,9 @@ def neuron_sections(src: CardSource, layer: int, neuron: int, *, n_decoded: int 
     return {"stats": _stats(src, layer, neuron), "decoded": decoded,
             "exemplars": _record_exemplars(src, layer, neuron, n_exemplars),
             "corpus": _corpus(src, layer, neuron, n_exemplars),
-            "explanations": _explanations(src, layer, neuron), "selections": _selections(src, layer, neuron)}
+            "explanations": _explanations(src, layer, neuron), "selections": _selections(src, layer, neuron),
+            "histograms": _histograms(src, layer, neuron), "glu_signs": _glu_signs(src, layer, neuron),
+            "glu_exemplars": _record_exemplars(src, layer, neuron, n_glu, GLU_EXEMPLARS, "record, quadrant, rank")}
 
 
 def _excerpt(r: dict[str, Any]) -> dict[str, Any]:

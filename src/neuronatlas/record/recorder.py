@@ -32,6 +32,7 @@ from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
 from neuronatlas.record.batching import encode_ids, forward_through, pad_ids
 from neuronatlas.record.hooks import site_hooks
+from neuronatlas.record.neuron_stats import NeuronStats  # issue 21: histograms, GLU sign quadrants
 from neuronatlas.stats.running import LabelMoments, TopK
 from neuronatlas.store.atlas import Atlas
 
@@ -51,6 +52,7 @@ class RecordConfig:
     checkpoint_every: int = 20
     padding_side: Literal["left", "right"] = "right"
     keep_pooled: bool = True
+    neuron_stats: bool = True      # activation histograms and GLU sign quadrants (record/neuron_stats.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "component", Component.parse(self.component))
@@ -130,6 +132,10 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
             start_batch = int(meta["batches_done"])
         else:
             shutil.rmtree(ckpt)
+    # issue 21: histograms and GLU sign quadrants (resumed with the checkpoint)
+    nstats = NeuronStats.start(lm, len(labels), k=config.top_k, enabled=config.neuron_stats,
+                               component=config.component, store=store,
+                               checkpoint=ckpt if start_batch else None)
 
     t0 = time.perf_counter()
     n_tokens_seen = 0
@@ -143,6 +149,7 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
         flat = hl[mask]                                                           # (tokens, N)
         moments.update(flat, tok_labels, at=layer)
         topk.update(flat, tok_prompt, tok_pos, at=layer)
+        nstats.update(layer, flat, mask, tok_labels, tok_prompt, tok_pos)     # issue 21
         if pooled is not None:
             pooled[rows, layer] = _pool(hl, mask, config.pool).numpy().astype(np.float16)
 
@@ -154,7 +161,7 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
         tok_prompt = torch.tensor(rows)[row_of_token]
         tok_labels = labels_t[tok_prompt]
         tok_pos = batch["position_ids"].cpu()[mask]
-        with site_hooks(lm, config.component, observe=observe, batch_size=len(rows)):
+        with site_hooks(lm, config.component, observe=observe, batch_size=len(rows)), nstats.hooks(lm):
             forward_through(lm, batch)            # nothing after the last layer is needed
         moments.commit(tok_labels)
         n_tokens_seen += int(mask.sum())
@@ -162,6 +169,7 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
             pending.extend(rows)
         done = b + 1
         if done % config.checkpoint_every == 0 and done < len(batches):
+            nstats.save(store, ckpt)                                          # issue 21
             _checkpoint(store, ckpt, fp, done, moments, topk, pooled, pending)
             pending = []
         if progress:
@@ -175,6 +183,7 @@ def record(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, na
             "record_seconds": round(time.perf_counter() - t0, 3), "n_layers": L, "n_neurons": N}
     result = RecordResult(name, labels, moments, topk, pooled, prompt_labels, config, info)
     _write_final(store, lm, prompts, ids, result)
+    nstats.write(store, lm, ids, name, labels, config.component.value, ALL_LABEL)    # issue 21
     shutil.rmtree(ckpt, ignore_errors=True)
     return result
 

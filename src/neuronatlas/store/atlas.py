@@ -41,7 +41,7 @@ __all__ = ["Atlas", "SCHEMA_VERSION", "atomic_path", "write_json_atomic"]
 SCHEMA_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 # Tables that live once per record; `Atlas.query` exposes each as one view over all records.
-RECORD_TABLES = ("prompts", "stats", "exemplars")
+RECORD_TABLES = ("prompts", "stats", "exemplars", "histograms", "glu_signs", "glu_exemplars")
 
 
 def _package_version() -> str:

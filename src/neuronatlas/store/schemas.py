@@ -27,7 +27,7 @@ import pyarrow as pa
 from neuronatlas.errors import AtlasError
 
 __all__ = ["TableSchema", "STATS", "PROMPTS", "EXEMPLARS", "DECODED", "SELECTIONS", "EXPLANATIONS", "CORPUS_DOCS",
-           "CORPUS_EXEMPLARS", "TABLES", "schema_for", "conform"]
+           "CORPUS_EXEMPLARS", "HISTOGRAMS", "GLU_SIGNS", "GLU_EXEMPLARS", "TABLES", "schema_for", "conform"]
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,25 @@ CORPUS_EXEMPLARS = TableSchema("corpus_exemplars", "corpus_exemplars.parquet", p
     "sample), the document and token position, and the activations on a token window starting at "
     "window_start.")
 
+HISTOGRAMS = TableSchema("histograms", "histograms.parquet", pa.schema([
+    ("record", _s), ("site", _s), ("label", _s), ("layer", _i32), ("neuron", _i32), ("n_tokens", _i64),
+    ("abs_max", _f32), ("counts", pa.list_(_i64))]),
+    "Activation histogram of every neuron per label (label '__all__' covers all prompts): exact token counts "
+    "in 51 signed log-spaced bins of |activation| (edges in the manifest's records.<name>.histogram; the "
+    "middle bin holds |a| < 1e-3) and the exact max |activation|.", per_record=True)
+GLU_SIGNS = TableSchema("glu_signs", "glu_signs.parquet", pa.schema([
+    ("record", _s), ("site", _s), ("layer", _i32), ("neuron", _i32), ("quadrant", _s), ("n_tokens", _i64)]),
+    "Gated MLPs: tokens per (gate sign, up sign) combination of every neuron; quadrant g+u+, g+u-, g-u+ or g-u- "
+    "(zero counts as +).", per_record=True)
+GLU_EXEMPLARS = TableSchema("glu_exemplars", "glu_exemplars.parquet", pa.schema([
+    ("record", _s), ("layer", _i32), ("neuron", _i32), ("quadrant", _s), ("rank", _i32), ("prompt_id", _i64),
+    ("position", _i32), ("activation", _f32), ("token", _s)]),
+    "Gated MLPs: the top-k prompt tokens of every neuron within each (gate sign, up sign) quadrant, ranked by "
+    "|activation| (rank 0 largest).", per_record=True)
+
 TABLES: dict[str, TableSchema] = {t.name: t for t in (PROMPTS, STATS, EXEMPLARS, DECODED, SELECTIONS, EXPLANATIONS,
-                                                      CORPUS_DOCS, CORPUS_EXEMPLARS)}
+                                                      CORPUS_DOCS, CORPUS_EXEMPLARS, HISTOGRAMS, GLU_SIGNS,
+                                                      GLU_EXEMPLARS)}
 _BY_PATH = {t.file: t for t in TABLES.values() if not t.per_record}
 _PER_RECORD = {t.file: t for t in TABLES.values() if t.per_record}
 

@@ -10,6 +10,7 @@ Routes (``slug`` names one served atlas; see docs/viewer.md)::
     /a/{slug}/search?q=&kind=token|explanation|concept&match=&side=&direction=&page=
     /a/{slug}/study/{study}               a study's key numbers and plots
     /a/{slug}/study/{study}/files/{name}  a study's .png/.svg/.jpg/.html/.json file
+    POST /a/{slug}/neuron/L{layer}/{neuron}/live   per-token activations of a typed text (serve --model only)
     /static/{name}                        the viewer's CSS and JavaScript
 
 Bad parameters answer 400, unknown atlases/neurons/concepts/files 404, other methods 405; every
@@ -131,8 +132,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return HTMLResponse(render("error.html", ctx, ServerLinker()), status_code=status, headers=headers)
 
 
-def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
-    """The viewer for ``library``; ``allowed_hosts`` rejects other Host headers (DNS-rebinding guard)."""
+def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None, live: Any = None) -> FastAPI:
+    """The viewer for ``library``; ``allowed_hosts`` rejects other Host headers (DNS-rebinding guard).
+
+    ``live`` (a :class:`neuronatlas.web.live.LiveModel`, only with ``serve --model``) adds the neuron
+    page's "try your own text" box and its POST route (``web/live_api.py``)."""
     app = FastAPI(title="Neuron Atlas", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.library = library
 
@@ -192,7 +196,8 @@ def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None) 
     def neuron(slug: str, layer: str, neuron: str) -> Response:
         view = library.get(slug)
         lay, n = neuron_from_url(layer, neuron).pair
-        return _cached(view, ("neuron", lay, n), lambda: ("neuron.html", neuron_context(view, lay, n)))
+        return _cached(view, ("neuron", lay, n), lambda: ("neuron.html",
+                                                          neuron_context(view, lay, n, live=live is not None)))
 
     @app.get("/a/{slug}/search", response_class=HTMLResponse)
     def search(slug: str, q: TextQ = "", kind: Annotated[str, Query(max_length=20)] = "token", page: PageQ = 1,
@@ -218,6 +223,10 @@ def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None) 
         headers = {"Content-Security-Policy": _FILE_CSP} if ext in (".html", ".svg") else {}
         return FileResponse(path, media_type=STUDY_FILE_EXTS[ext], headers=headers)
 
+    if live is not None:
+        from neuronatlas.web.live_api import add_live_route
+
+        add_live_route(app, library, live)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     app.add_middleware(_SecurityHeaders)
     if allowed_hosts:
@@ -226,7 +235,7 @@ def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None) 
 
 
 def serve(atlases: Library | Sequence[str | Path], *, host: str = "127.0.0.1", port: int = 8765,
-          log_level: str = "warning") -> None:
+          log_level: str = "warning", live: Any = None) -> None:
     """Serve ``atlases`` (a Library or atlas paths) until interrupted (blocking).
 
     Loopback hosts get a Host-header guard against DNS rebinding.
@@ -236,5 +245,5 @@ def serve(atlases: Library | Sequence[str | Path], *, host: str = "127.0.0.1", p
     library = atlases if isinstance(atlases, Library) else Library(atlases)
     for view in library:
         view.warm()  # copy tables into memory before the first request, not during it
-    app = create_app(library, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None)
+    app = create_app(library, allowed_hosts=LOOPBACK_HOSTS if is_loopback(host) else None, live=live)
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)

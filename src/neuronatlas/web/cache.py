@@ -33,8 +33,9 @@ DECODED_COPY = "_decoded_by_neuron"
 # Copied in this order while the budget lasts (decoded is handled separately).
 _SORTED = (("stats", ("layer", "neuron")), ("exemplars", ("layer", "neuron")), ("decoded", ("layer", "neuron")),
            ("corpus_exemplars", ("layer", "neuron")), ("prompts", ("prompt_id",)),
-           ("explanations", ("layer", "neuron")), ("selections", ("layer", "neuron")))
-_RECORD_TABLES = ("stats", "exemplars", "prompts")
+           ("explanations", ("layer", "neuron")), ("selections", ("layer", "neuron")),
+           ("glu_signs", ("layer", "neuron")), ("glu_exemplars", ("layer", "neuron")), ("histograms", ("layer", "neuron")))
+_RECORD_TABLES = ("stats", "exemplars", "prompts", "histograms", "glu_signs", "glu_exemplars")
 _LEADING_MARKERS = re.compile(r"^(Ġ|▁| )+")
 
 

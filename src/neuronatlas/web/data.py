@@ -32,11 +32,13 @@ from neuronatlas.store import Atlas
 from neuronatlas.store.sql import check_read_only
 
 __all__ = ["Library", "AtlasView", "NotFound", "BadRequest", "concept_key", "slugify", "neuron_from_url",
-           "PAGE_SIZE", "MAX_PAGE", "STUDY_FILE_EXTS", "page_count"]
+           "PAGE_SIZE", "MAX_PAGE", "STUDY_FILE_EXTS", "page_count", "MAX_LIVE_CHARS", "MAX_LIVE_TOKENS"]
 
 PAGE_SIZE = 50
 MAX_PAGE = 100_000
 MAX_QUERY_CHARS = 200
+MAX_LIVE_CHARS = 2000    # the "try your own text" box (serve --model): characters per request
+MAX_LIVE_TOKENS = 256    # ... and tokens read (longer texts are cut)
 STUDY_FILE_EXTS = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
                    ".html": "text/html; charset=utf-8", ".json": "application/json"}
 _PLAIN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")

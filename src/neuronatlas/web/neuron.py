@@ -18,16 +18,24 @@ from typing import Any
 
 from neuronatlas.explain.card import SECTIONS, neuron_sections
 from neuronatlas.ids import NeuronId
-from neuronatlas.web.data import AtlasView, concept_key
-from neuronatlas.web.render import bar_chart_svg
+from neuronatlas.web.data import MAX_LIVE_CHARS, AtlasView, concept_key
+from neuronatlas.web.render import bar_chart_svg, histogram_svg
 
-__all__ = ["neuron_context", "token_spans"]
+__all__ = ["neuron_context", "token_spans", "abs_percentiles", "PERCENTILES"]
 
 ALL_LABEL = "__all__"
 _SIDE_ORDER = ["out", "out_normed", "in_up", "in_gate", "in"]
 _SIDE_NAMES = {"out": "output (W_U · down-proj column)", "out_normed": "output, final norm folded in",
                "in_up": "input (W_U · up-proj row)", "in_gate": "input (W_U · gate-proj row)",
                "in": "input (W_U · input row)"}
+QUADRANT_MEANING = {
+    "g+u+": "gate open, up positive: positive output, up to the full act(gate) * up",
+    "g+u-": "gate open, up negative: negative output (writes minus its output direction)",
+    "g-u+": "gate closed, up positive: negative output, at most 0.28 x up (SiLU; 0.17 x up for GELU)",
+    "g-u-": "gate closed, up negative: positive output, at most 0.28 x |up| (SiLU; 0.17 x |up| for GELU)",
+}
+LOGIT_SIDES = ("out_normed", "out")
+N_LOGITS = 10
 MAX_DECODED_RANK = 20
 MAX_EXEMPLARS = 20
 WINDOW_BEFORE, WINDOW_AFTER = 24, 8
@@ -39,6 +47,48 @@ def _finite(x: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None
+
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9, 100.0)
+
+
+def abs_percentiles(counts: Sequence[int], edges: Sequence[float], abs_max: float | None,
+                    qs: Sequence[float] = PERCENTILES) -> dict[float, dict[str, float]]:
+    """Percentiles of ``|activation|`` from a signed log-bin histogram (``counts``: 2 * len(edges) + 1 bins).
+
+    For each ``q`` (nearest rank: the smallest value with at least q% of tokens at or below it) the
+    result gives the bin that holds it, ``lo`` <= true value <= ``hi`` (exact), and ``value``, a
+    log-linear interpolation inside that bin; ``q = 100`` is the exact ``abs_max``.
+    """
+    m_bins = len(edges)
+    c = list(counts)
+    mag = [c[m_bins]] + [c[m_bins + m] + c[m_bins - m] for m in range(1, m_bins + 1)]
+    n = sum(mag)
+    top = float(abs_max) if abs_max is not None and math.isfinite(float(abs_max)) else None
+    out: dict[float, dict[str, float]] = {}
+    if n == 0:
+        return out
+    for q in qs:
+        if q >= 100.0 and top is not None:
+            out[q] = {"value": top, "lo": top, "hi": top}
+            continue
+        rank = max(1, math.ceil(q / 100.0 * n - 1e-9))
+        cum = 0
+        for m, k in enumerate(mag):
+            if cum + k >= rank:
+                break
+            cum += k
+        lo = 0.0 if m == 0 else float(edges[m - 1])
+        hi = float(edges[m]) if m < m_bins else (top if top is not None else float("inf"))
+        if top is not None:
+            hi, lo = min(hi, top), min(lo, top)
+        frac = (rank - cum) / k if k else 1.0
+        if lo > 0 and math.isfinite(hi):
+            value = lo * (hi / lo) ** frac
+        else:
+            value = lo + frac * (hi - lo) if math.isfinite(hi) else lo
+        out[q] = {"value": value, "lo": lo, "hi": hi}
+    return out
 
 
 def token_spans(tokens: Sequence[Any], acts: Sequence[Any] | None = None, *, focus: int | None = None,
@@ -148,21 +198,98 @@ def _corpus_exemplars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"kind": k, "rows": groups[k], "scale": scale} for k in sorted(groups, key=lambda k: (k != "top", k))]
 
 
+def _histograms(view: AtlasView, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per record: the all-token histogram chart, and percentiles of |a| and a small chart per label."""
+    records = view.manifest().get("records", {})
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((str(r["record"]), str(r["site"])), []).append(r)
+    out = []
+    for (rec, site), items in sorted(groups.items()):
+        meta = (records.get(rec) or {}).get("histogram") or {}
+        edges = [float(e) for e in meta.get("edges") or []]
+        if not edges:
+            continue
+        order = {lab: i for i, lab in enumerate((records.get(rec) or {}).get("labels") or [])}
+        items.sort(key=lambda r: (r["label"] != ALL_LABEL, order.get(r["label"], len(order)), str(r["label"])))
+        labels = []
+        for r in items:
+            counts = [int(c) for c in (r["counts"] or [])]
+            if len(counts) != 2 * len(edges) + 1:
+                continue
+            pct = abs_percentiles(counts, edges, _finite(r["abs_max"]))
+            n = sum(counts)
+            name = "all tokens" if r["label"] == ALL_LABEL else str(r["label"])
+            labels.append({"label": name, "total": r["label"] == ALL_LABEL, "n": n, "pct": pct,
+                           "near_zero": counts[len(edges)] / n if n else None,
+                           "chart": histogram_svg(counts, edges, width=560 if r["label"] == ALL_LABEL else 300,
+                                                  height=110 if r["label"] == ALL_LABEL else 60,
+                                                  title=f"activation histogram: {name}")})
+        if labels:
+            out.append({"record": rec, "site": site, "labels": labels, "percentiles": PERCENTILES,
+                        "bin_factor": edges[1] / edges[0] if len(edges) > 1 else None})
+    return out
+
+
+def _glu(signs: list[dict[str, Any]], exemplars: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per record: tokens and share of each (gate sign, up sign) quadrant, with its top exemplars."""
+    ex = {(q["record"], q["quadrant"]): q["rows"] for g in _record_exemplars_by_quadrant(exemplars) for q in g}
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in signs:
+        groups.setdefault(str(r["record"]), []).append(r)
+    out = []
+    for rec, items in sorted(groups.items()):
+        total = sum(int(r["n_tokens"] or 0) for r in items)
+        quads = []
+        for r in sorted(items, key=lambda r: list(QUADRANT_MEANING).index(r["quadrant"])
+                        if r["quadrant"] in QUADRANT_MEANING else 9):
+            rows = ex.get((rec, str(r["quadrant"])), [])
+            quads.append({"quadrant": r["quadrant"], "meaning": QUADRANT_MEANING.get(str(r["quadrant"]), ""),
+                          "n": int(r["n_tokens"] or 0), "share": int(r["n_tokens"] or 0) / total if total else None,
+                          "rows": rows})
+        scale = max((abs(_finite(x["activation"]) or 0.0) for q in quads for x in q["rows"]), default=0.0)
+        out.append({"record": rec, "total": total, "quadrants": quads, "scale": scale})
+    return out
+
+
+def _record_exemplars_by_quadrant(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """glu_exemplars rows as token spans, grouped by record then quadrant."""
+    by: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for g in _record_exemplars(rows):
+        for r in g["rows"]:
+            by.setdefault(g["record"], {}).setdefault(str(r["quadrant"]), []).append(r)
+    return [[{"record": rec, "quadrant": q, "rows": rs} for q, rs in qs.items()] for rec, qs in by.items()]
+
+
+def _logits(decoded: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The top and bottom logits of the neuron's output direction (final norm folded in when decoded so)."""
+    for side in LOGIT_SIDES:
+        d = next((x for x in decoded if x["side"] == side), None)
+        if d is not None and (d["top"] or d["bottom"]):
+            return {"side": side, "name": d["name"], "top": d["top"][:N_LOGITS], "bottom": d["bottom"][:N_LOGITS]}
+    return None
+
+
 def _selections(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         r["key"] = concept_key(str(r["concept"]))
     return rows
 
 
-def neuron_context(view: AtlasView, layer: int, neuron: int) -> dict[str, Any]:
-    """Everything the neuron page shows (raises NotFound for a neuron outside the atlas)."""
+def neuron_context(view: AtlasView, layer: int, neuron: int, *, live: bool = False) -> dict[str, Any]:
+    """Everything the neuron page shows (raises NotFound for a neuron outside the atlas).
+
+    ``live``: the server has a model, so the page gets the "try your own text" box."""
     view.check_neuron(layer, neuron)
     dims = view.dims() or (0, 0)
     raw = neuron_sections(view, layer, neuron, n_decoded=MAX_DECODED_RANK, n_exemplars=MAX_EXEMPLARS,
                           decoded_rows=_fast_decoded(view))
+    decoded = _decoded(raw["decoded"])
     sections = {
         "stats": _stats(view, raw["stats"]),
-        "decoded": _decoded(raw["decoded"]),
+        "histograms": _histograms(view, raw["histograms"]),
+        "glu": _glu(raw["glu_signs"], raw["glu_exemplars"]),
+        "decoded": decoded,
         "exemplars": _record_exemplars(raw["exemplars"]),
         "corpus": _corpus_exemplars(raw["corpus"]),
         "explanations": raw["explanations"],
@@ -170,10 +297,12 @@ def neuron_context(view: AtlasView, layer: int, neuron: int) -> dict[str, Any]:
     }
     prev = (layer, neuron - 1) if neuron > 0 else ((layer - 1, dims[1] - 1) if layer > 0 else None)
     nxt = (layer, neuron + 1) if neuron + 1 < dims[1] else ((layer + 1, 0) if layer + 1 < dims[0] else None)
-    missing = [name for name, key in (("statistics", "stats"), ("decoded tokens", "decoded"),
+    missing = [name for name, key in (("statistics", "stats"), ("activation histograms", "histograms"),
+                                      ("decoded tokens", "decoded"),
                                       ("record exemplars", "exemplars"), ("corpus exemplars", "corpus"),
                                       ("explanations", "explanations"), ("selections", "selections"))
                if not view.has(SECTIONS[key].name)]
     return {"atlas": view, "slug": view.slug, "layer": layer, "neuron": neuron, "dims": dims, "sections": sections,
+            "logits": _logits(decoded), "live": live, "live_max_chars": MAX_LIVE_CHARS,
             "prev": prev, "next": nxt, "missing": missing, "title": NeuronId(layer, neuron).url_path(),
             "empty": not any(sections.values())}

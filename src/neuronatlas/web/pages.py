@@ -31,6 +31,7 @@ from neuronatlas.web.data import (
     page_count,
 )
 from neuronatlas.web.render import layer_chart_svg
+from neuronatlas.web.study import PLOT_EXTS, report_concept_numbers, study_context, study_info
 
 __all__ = ["home_context", "atlas_context", "heatmap_context", "concept_context", "search_context",
            "study_context", "flatten_scalars", "concept_results", "HEATMAP_ROWS", "SEARCH_KINDS"]
@@ -38,7 +39,6 @@ __all__ = ["home_context", "atlas_context", "heatmap_context", "concept_context"
 HEATMAP_ROWS = 60
 SEARCH_KINDS = ("token", "explanation", "concept")
 _MAX_NUMBERS = 200
-_PLOT_EXTS = (".png", ".svg", ".jpg", ".jpeg")
 
 
 # --- study results (generic: results.json is free-form) ---------------------------------------------
@@ -107,18 +107,8 @@ def concept_results(results: Any, concept: str, depth: int = 3) -> list[tuple[st
 def _concept_plots(files: list[str], concept: str) -> list[str]:
     names = {concept.lower(), concept_key(concept).lower()}
     pats = [re.compile(r"(^|[^a-z0-9])" + re.escape(n) + r"([^a-z0-9]|$)") for n in names if len(n) >= 2]
-    return [f for f in files if f.lower().endswith(_PLOT_EXTS) and any(p.search(f.lower().rsplit(".", 1)[0])
+    return [f for f in files if f.lower().endswith(PLOT_EXTS) and any(p.search(f.lower().rsplit(".", 1)[0])
                                                                       for p in pats)]
-
-
-def _study_info(view: AtlasView, study: str) -> dict[str, Any]:
-    meta = view.manifest().get("studies", {}).get(study) or {}
-    files = view.study_files(study)
-    return {"name": study, "kind": meta.get("kind") if isinstance(meta, dict) else None,
-            "created": meta.get("created") if isinstance(meta, dict) else None,
-            "concepts": [str(c) for c in (meta.get("concepts") or [])] if isinstance(meta, dict) else [],
-            "files": files, "plots": [f for f in files if f.lower().endswith(_PLOT_EXTS)],
-            "report": "report.html" if "report.html" in files else None}
 
 
 # --- pages ------------------------------------------------------------------------------------------
@@ -149,7 +139,7 @@ def atlas_context(view: AtlasView) -> dict[str, Any]:
                          "ORDER BY score DESC, layer, neuron LIMIT 10")
     return {"title": view.slug, "slug": view.slug, "manifest": m, "model": m.get("model", {}), "dims": view.dims(),
             "records": m.get("records", {}), "tables": tables, "concepts": concepts[:300],
-            "more_concepts": max(0, len(concepts) - 300), "studies": [_study_info(view, s) for s in view.studies()],
+            "more_concepts": max(0, len(concepts) - 300), "studies": [study_info(view, s) for s in view.studies()],
             "best": best, "has_heatmap": view.has("selections", "concept", "layer", "neuron")}
 
 
@@ -245,8 +235,9 @@ def concept_context(view: AtlasView, key: str, page: int = 1, layer: int | None 
         raise NotFound(f"page {page} is past the last page (1)")
     studies = []
     for s in view.studies():
-        info = _study_info(view, s)
-        numbers = concept_results(view.study_results(s), concept)
+        info = study_info(view, s)
+        results = view.study_results(s)
+        numbers = report_concept_numbers(results, concept) + concept_results(results, concept)
         plots = _concept_plots(info["plots"], concept)
         listed = concept in info["concepts"]
         if numbers or plots or listed:
@@ -358,11 +349,3 @@ def _token_search(view: AtlasView, q: str, match: str, side: str | None,
             where.append(f"{col} = ?")
             params.append(val)
     return f"FROM {source} AS s" + (f" WHERE {' AND '.join(where)}" if where else ""), params
-
-
-def study_context(view: AtlasView, study: str) -> dict[str, Any]:
-    info = _study_info(view, study)
-    results = view.study_results(study)
-    return {"title": f"{view.slug}: study {study}", "slug": view.slug, "study": info,
-            "numbers": flatten_scalars(results) if results is not None else [],
-            "has_results": results is not None, "concept_keys": set(view.concepts())}

@@ -26,7 +26,7 @@ from markupsafe import Markup, escape
 from neuronatlas.ids import NeuronId
 from neuronatlas.web.data import concept_key
 
-__all__ = ["ServerLinker", "StaticLinker", "render", "bar_chart_svg", "layer_chart_svg", "display_token",
+__all__ = ["ServerLinker", "StaticLinker", "render", "bar_chart_svg", "layer_chart_svg", "histogram_svg", "display_token",
            "act_style", "fmt", "static_path", "TEMPLATES", "STATIC"]
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -70,6 +70,9 @@ class ServerLinker:
 
     def study_file(self, slug: str, study: str, name: str) -> str | None:
         return f"/a/{slug}/study/{study}/files/{quote(name)}"
+
+    def live(self, slug: str, layer: int, neuron: int) -> str | None:
+        return f"/a/{slug}/neuron/{NeuronId(layer, neuron).url_path()}/live"
 
 
 def static_path(kind: str, slug: str = "", **p: Any) -> str:
@@ -151,6 +154,9 @@ class StaticLinker:
 
     def study_file(self, slug: str, study: str, name: str) -> str | None:
         return self._rel(static_path("study_file", slug, study=study, name=name))
+
+    def live(self, slug: str, layer: int, neuron: int) -> str | None:
+        return None  # a static export has no model
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -283,6 +289,50 @@ def layer_chart_svg(counts: dict[int, int], n_layers: int, links: dict[int, str 
             parts.append(f'<text x="{x + bw / 2:.1f}" y="{height + 13}" text-anchor="middle" class="tick">{layer}</text>')
     parts.append(f'<text x="0" y="12" class="tick">{top}</text>'
                  f'<line x1="24" x2="{width}" y1="{height}" y2="{height}" class="axis"/></svg>')
+    return Markup("".join(parts))
+
+
+def _sci(x: float) -> str:
+    return f"{x:.0e}".replace("e-0", "e-").replace("e+0", "e").replace("e+", "e")
+
+
+def histogram_svg(counts: Sequence[int], edges: Sequence[float], width: int = 560, height: int = 120,
+                  title: str = "") -> Markup:
+    """Bars of a signed log-bin histogram (negative bins left, |a| < edges[0] in the middle); bar height
+    is log10(1 + count), each bar's tooltip gives its range and exact count."""
+    m = len(edges)
+    n_bins = 2 * m + 1
+    if len(counts) != n_bins or not any(counts):
+        return Markup("")
+    top = math.log10(1 + max(counts))
+    bw = (width - 20) / n_bins
+    parts = [(f'<svg class="chart hist" role="img" width="{width}" height="{height + 30}" viewBox="0 0 {width} '
+              f'{height + 30}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>')]
+    for j, c in enumerate(counts):
+        if c <= 0:
+            continue
+        k = j - m
+        a = abs(k)
+        lo = 0.0 if a == 0 else float(edges[a - 1])
+        hi = float(edges[a]) if a < m else math.inf
+        if k == 0:
+            rng, cls = f"|a| < {_sci(edges[0])}", "zero"
+        else:
+            mag = f"[{_sci(lo)}, {_sci(hi)})" if math.isfinite(hi) else f"≥ {_sci(lo)}"
+            rng, cls = (f"a in {mag}" if k > 0 else f"-a in {mag}"), ("pos" if k > 0 else "neg")
+        h = (height - 6) * math.log10(1 + c) / top if top > 0 else 0
+        x = 10 + j * bw
+        parts.append(f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bw - 1, 1):.1f}" height="{h:.1f}" '
+                     f'class="{cls}"><title>{escape(rng)}: {c:,} tokens</title></rect>')
+    for a_tick in range(0, m + 1, 4):
+        for sign in ((1, -1) if a_tick else (1,)):
+            j = m + sign * a_tick
+            x = 10 + (j + 0.5) * bw
+            label = "0" if a_tick == 0 else ("" if sign > 0 else "-") + _sci(float(edges[a_tick - 1]))
+            parts.append(f'<text x="{x:.1f}" y="{height + 13}" text-anchor="middle" class="tick">{label}</text>')
+    parts.append(f'<text x="{width / 2:.0f}" y="{height + 27}" text-anchor="middle" class="tick">activation '
+                 f'(log-spaced bins of |a|, sign kept; bar height: log count)</text>'
+                 f'<line x1="10" x2="{width - 10}" y1="{height}" y2="{height}" class="axis"/></svg>')
     return Markup("".join(parts))
 
 
