@@ -119,7 +119,11 @@ class WindowTopK:
         index = counted.nonzero()[:, 0]
         if index.numel() == 0:
             return
-        vals, pick = scores.index_select(0, index).t().contiguous().topk(min(self.k, index.numel()), dim=1)
+        kk = min(self.k, index.numel())
+        # a stable sort, not topk: tied tokens rank in batch order (as in ``update``), so sharded
+        # passes keep the same entries as one pass
+        vals, pick = (t[:, :kk] for t in torch.sort(scores.index_select(0, index).t(), dim=1, descending=True,
+                                                   stable=True))
         units = torch.arange(scores.shape[1], device=scores.device)
         self.offer(units, vals, index[pick], h, doc, lengths)
 

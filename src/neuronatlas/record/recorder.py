@@ -126,7 +126,7 @@ class BatchRecorder:
         self.done = lo
         self.device = lm.device
         self.folds = default_folds(len(plan.labels), lm.n_layers, lm.n_neurons, config.top_k, self.device)
-        self._labels = torch.from_numpy(plan.prompt_labels)
+        self._labels = torch.tensor(plan.prompt_labels)
         self._pending: list[tuple[list[int], torch.Tensor]] = []     # (prompt ids, (B, L, N) float16 on device)
 
     def resume(self, state: dict[str, np.ndarray], done: int) -> None:

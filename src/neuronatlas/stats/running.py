@@ -204,7 +204,9 @@ class TopK:
         kth = self.values[at, :, -1]
         if at not in self._full and bool(torch.isneginf(kth).any()):    # lists not full yet: plain top-k
             kk = min(self.k, x.shape[0])
-            vals, idx = x.topk(kk, dim=0)                          # (kk, units)
+            # a stable sort, not topk: tied tokens rank in batch order, as on the path below, so the
+            # lists are the top-k under (value desc, token order) however the batches are sharded
+            vals, idx = (t[:kk] for t in torch.sort(x, dim=0, descending=True, stable=True))   # (kk, units)
             merged = self._merged(self.values[at], self.prompt[at], self.position[at], vals.T,
                                   prompt.to(torch.int32)[idx.T], position.to(torch.int32)[idx.T])
             self.values[at], self.prompt[at], self.position[at] = merged
