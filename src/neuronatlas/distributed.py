@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from neuronatlas.data.prompts import PromptSet
 from neuronatlas.errors import NeuronAtlasError
-from neuronatlas.models.loading import LoadedModel
+from neuronatlas.models.loading import DType, LoadedModel
 from neuronatlas.record.recorder import (
     BatchRecorder,
     RecordConfig,
@@ -99,7 +99,7 @@ class ModelSource:
     def __call__(self) -> LoadedModel:
         from neuronatlas.models import load_model
 
-        return load_model(self.model, dtype=self.dtype, device=self.device)
+        return load_model(self.model, dtype=cast(DType, self.dtype), device=self.device)
 
 
 def _ray() -> Any:
@@ -208,11 +208,13 @@ def _run_shards(ray: Any, make_actor: Callable[[], Any], ranges: list[tuple[int,
         actor, shard = running.pop(ready[0])
         try:
             done, payload = ray.get(ready[0])
-        except dead:
+        except dead as exc:
             restarts[shard] += 1
             if restarts[shard] > cluster.retries:
-                raise DistributedError(f"shard {shard} failed {restarts[shard]} times (its worker died each time); "
-                                       "check the workers' memory and logs (ray logs), then rerun to resume") from None
+                cause = " ".join(str(exc).split())[:300]
+                raise DistributedError(f"shard {shard} failed {restarts[shard]} times, its worker died each time "
+                                       f"(last: {cause}); check that every node can import neuronatlas and has "
+                                       "the memory, then rerun to resume") from None
             submit(make_actor(), shard, start_args(shard))   # a fresh actor redoes it from its last checkpoint
             continue
         if done < ranges[shard][1]:
