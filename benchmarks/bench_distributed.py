@@ -62,6 +62,7 @@ def main() -> None:
 
     t_one, ref = _timed(lambda: record(lm, prompts, tmp / "r1", config=rcfg))
     out["record"]["one_process_s"] = t_one
+    out["record"]["one_process_loop_s"] = ref.info["record_seconds"]
     for workers in (1, 2):
         t, res = _timed(lambda: record_distributed(lm, prompts, tmp / f"rw{workers}", load=load, config=rcfg,
                                                    cluster=Cluster(workers=workers)))
@@ -71,6 +72,8 @@ def main() -> None:
             "seconds": t, "ratio_vs_one_process": t / t_one, "merge_s": d["merge_seconds"],
             "merge_share": d["merge_seconds"] / t, "checkpoint_write_s": d["checkpoint_write_seconds"],
             "checkpoint_write_share": d["checkpoint_write_seconds"] / t, "shards": d["shards"],
+            "ray_start_s": d.get("ray_start_seconds"), "model_load_s": d.get("model_load_seconds"),
+            "worker_compute_s": d.get("compute_seconds"),
             "topk_identical": same, "counts_identical": bool(torch.equal(ref.moments.count, res.moments.count)),
             "max_identical": bool(torch.equal(ref.moments.max, res.moments.max)),
             "pooled_identical": bool(np.array_equal(ref.pooled, res.pooled)),
@@ -79,6 +82,7 @@ def main() -> None:
 
     t_one, ref_ex = _timed(lambda: collect_exemplars(lm, corpus, tmp / "e1", config=ecfg))
     out["exemplars"]["one_process_s"] = t_one
+    out["exemplars"]["one_process_stream_s"] = ref_ex["stream_seconds"]
     for workers in (1, 2):
         t, info = _timed(lambda: collect_exemplars_distributed(lm, corpus, tmp / f"ew{workers}", load=load,
                                                                config=ecfg, cluster=Cluster(workers=workers)))
@@ -87,6 +91,8 @@ def main() -> None:
             "seconds": t, "ratio_vs_one_process": t / t_one, "merge_s": d["merge_seconds"],
             "merge_share": d["merge_seconds"] / t, "checkpoint_write_s": d["checkpoint_write_seconds"],
             "checkpoint_write_share": d["checkpoint_write_seconds"] / t, "shards": d["shards"],
+            "ray_start_s": d.get("ray_start_seconds"), "model_load_s": d.get("model_load_seconds"),
+            "worker_compute_s": d.get("compute_seconds"),
             "tokens": info["tokens"], "tokens_one_process": ref_ex["tokens"],
         }
     shutil.rmtree(tmp, ignore_errors=True)

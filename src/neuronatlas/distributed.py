@@ -189,7 +189,11 @@ def _run_shards(ray: Any, make_actor: Callable[[], Any], ranges: list[tuple[int,
     dead = _dead_actor_errors(ray)
     todo = [i for i, (lo, hi) in enumerate(ranges) if resume[i][1] < hi]
     restarts = [0] * len(ranges)
+    compute = [0.0] * len(ranges)
+    loads: list[float] = []
+    fresh: set[Any] = set()
     idle = [make_actor() for _ in range(min(cluster.workers, len(todo)))]
+    fresh.update(idle)
     running: dict[Any, tuple[Any, int]] = {}
 
     def submit(actor: Any, shard: int, start: tuple[Any, ...] | None) -> None:
@@ -215,8 +219,15 @@ def _run_shards(ray: Any, make_actor: Callable[[], Any], ranges: list[tuple[int,
                 raise DistributedError(f"shard {shard} failed {restarts[shard]} times, its worker died each time "
                                        f"(last: {cause}); check that every node can import neuronatlas and has "
                                        "the memory, then rerun to resume") from None
-            submit(make_actor(), shard, start_args(shard))   # a fresh actor redoes it from its last checkpoint
+            actor = make_actor()
+            fresh.add(actor)
+            submit(actor, shard, start_args(shard))   # a fresh actor redoes it from its last checkpoint
             continue
+        compute[shard] += payload.pop("seconds")
+        load_s = payload.pop("load_seconds")
+        if actor in fresh:
+            fresh.discard(actor)
+            loads.append(load_s)
         if done < ranges[shard][1]:
             submit(actor, shard, None)                    # keep the worker busy while the driver writes
         elif todo:
@@ -226,7 +237,8 @@ def _run_shards(ray: Any, make_actor: Callable[[], Any], ranges: list[tuple[int,
             ray.kill(actor)
         on_result(shard, done, payload)
         resume[shard] = (payload["state"], done)
-    return {"restarts": restarts}
+    return {"restarts": restarts, "compute_seconds": [round(c, 3) for c in compute],
+            "model_load_seconds": [round(x, 3) for x in loads]}
 
 
 # --- recording -----------------------------------------------------------------------------------
@@ -235,7 +247,9 @@ class _RecordWorker:
     """One Ray actor: loads the model once, records shard after shard (see :class:`BatchRecorder`)."""
 
     def __init__(self, load: Loader, plan: RecordPlan, config: RecordConfig, hook: WorkerHook | None) -> None:
+        t = time.perf_counter()
         self.lm, self.plan, self.config, self.hook = load(), plan, config, hook
+        self.load_seconds = time.perf_counter() - t
         self.rec: BatchRecorder | None = None
 
     def advance(self, shard: int, n: int, start: tuple[int, int, dict[str, np.ndarray] | None, int] | None) -> Any:
@@ -246,13 +260,16 @@ class _RecordWorker:
                 self.rec.resume(state, done)
         rec = self.rec
         assert rec is not None
+        t = time.perf_counter()
         for _ in range(n):
             if rec.finished:
                 break
             rec.step()
             if self.hook:
                 self.hook(shard, rec.done)
-        return rec.done, {"state": folds_state(rec.folds), "pooled": rec.take_pooled()}
+        seconds = time.perf_counter() - t
+        return rec.done, {"state": folds_state(rec.folds), "pooled": rec.take_pooled(), "seconds": seconds,
+                          "load_seconds": self.load_seconds}
 
 
 def record_distributed(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str | Path, *, load: Loader,
@@ -306,10 +323,11 @@ def record_distributed(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str |
     book: dict[str, Any] = {"restarts": [0] * len(ranges)}
     if any(done < hi for (_, done), (_, hi) in zip(resume, ranges)):
         with ray_session(cluster) as ray:
+            book["ray_start_seconds"] = round(time.perf_counter() - t0, 3)
             actor_cls = ray.remote(num_cpus=cluster.cpus, num_gpus=cluster.gpus)(_RecordWorker)
             plan_ref = ray.put(plan)
-            book = _run_shards(ray, lambda: actor_cls.remote(load, plan_ref, config, worker_hook), ranges, resume,
-                               cluster, config.checkpoint_every, on_result)
+            book |= _run_shards(ray, lambda: actor_cls.remote(load, plan_ref, config, worker_hook), ranges, resume,
+                                cluster, config.checkpoint_every, on_result)
     shards_seconds = time.perf_counter() - t0
 
     # merge on the host, in shard order (the earlier shard wins ties, as in one pass)
@@ -335,7 +353,7 @@ def record_distributed(lm: LoadedModel, prompts: PromptSet, atlas: Atlas | str |
         "resumed_from_batch": int(sum(d - lo for d, (lo, _) in zip(initial_done, ranges))),
         "record_seconds": round(shards_seconds + merge_seconds, 3),
         "distributed": {"workers": cluster.workers, "shards": ranges, "address": cluster.address,
-                        "restarts": book["restarts"], "shards_seconds": round(shards_seconds, 3),
+                        **book, "shards_seconds": round(shards_seconds, 3),
                         "checkpoint_write_seconds": round(timing["write"], 3),
                         "merge_seconds": round(merge_seconds, 3)}}
     result = result_from_state(name, plan, config, folds_state(merged), pooled, info)
@@ -355,7 +373,9 @@ class _ExemplarWorker:
     """One Ray actor: loads the model once, streams corpus chunk ranges into an ExemplarStream."""
 
     def __init__(self, load: Loader, corpus: Any, config: Any, hook: WorkerHook | None) -> None:
+        t = time.perf_counter()
         self.lm, self.corpus, self.config, self.hook = load(), corpus, config, hook
+        self.load_seconds = time.perf_counter() - t
         self.stream: Any = None
         self.batches: Iterator[Any] | None = None
         self.done = 0
@@ -374,6 +394,7 @@ class _ExemplarWorker:
             self.done = done
             self.batches = doc_batches(self.lm, _iter_docs(self.corpus, hi), cfg, done)
         assert self.batches is not None
+        t = time.perf_counter()
         chunks = 0
         for batch in self.batches:
             if batch.ids:
@@ -385,7 +406,8 @@ class _ExemplarWorker:
                     self.hook(shard, self.done)
                 if chunks == n:
                     break
-        return self.done, {"state": self.stream.state()}
+        return self.done, {"state": self.stream.state(), "seconds": time.perf_counter() - t,
+                           "load_seconds": self.load_seconds}
 
 
 def _count_docs(corpus: Any, max_docs: int | None) -> int:
@@ -450,10 +472,11 @@ def collect_exemplars_distributed(lm: LoadedModel, corpus: Any, atlas: Atlas | s
     book: dict[str, Any] = {"restarts": [0] * len(ranges)}
     if any(done < hi for (_, done), (_, hi) in zip(resume, ranges)):
         with ray_session(cluster) as ray:
+            book["ray_start_seconds"] = round(time.perf_counter() - t0, 3)
             actor_cls = ray.remote(num_cpus=cluster.cpus, num_gpus=cluster.gpus)(_ExemplarWorker)
             corpus_ref = ray.put(corpus)
-            book = _run_shards(ray, lambda: actor_cls.remote(load, corpus_ref, config, worker_hook), ranges, resume,
-                               cluster, config.checkpoint_every, on_result)
+            book |= _run_shards(ray, lambda: actor_cls.remote(load, corpus_ref, config, worker_hook), ranges, resume,
+                                cluster, config.checkpoint_every, on_result)
     stream_seconds = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -478,7 +501,7 @@ def collect_exemplars_distributed(lm: LoadedModel, corpus: Any, atlas: Atlas | s
             "tokens": merged.tokens_seen, "resumed_from_doc": int(initial),
             "stream_seconds": round(stream_seconds + merge_seconds, 3),
             "distributed": {"workers": cluster.workers, "shards": ranges, "address": cluster.address,
-                            "restarts": book["restarts"], "shards_seconds": round(stream_seconds, 3),
+                            **book, "shards_seconds": round(stream_seconds, 3),
                             "checkpoint_write_seconds": round(timing["write"], 3),
                             "merge_seconds": round(merge_seconds, 3),
                             "random_seeds": [shard_seed(config.seed, i) for i in range(len(ranges))]}}
