@@ -26,7 +26,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["LabelMoments", "TopK", "accumulator_dtype"]
+__all__ = ["LabelMoments", "TopK", "accumulator_dtype", "stable_topk"]
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row of ``x`` (rows, n) and their indices, best first, ties in
+    index order: the first ``k`` of a stable descending sort, at about the cost of ``topk`` (rows
+    where a value tied with the k-th one was left out are redone with the stable sort)."""
+    vals, idx = x.topk(k, dim=1)
+    idx, perm = idx.sort(dim=1)                                      # picks in index order ...
+    vals = vals.gather(1, perm)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices   # ... then by value, stably
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    if k:
+        tied = ((x >= vals[:, -1:]).sum(1) > k).nonzero()[:, 0]      # a k-th value shared with a left-out one
+        if tied.numel():
+            v2, i2 = torch.sort(x.index_select(0, tied), dim=1, descending=True, stable=True)
+            vals[tied], idx[tied] = v2[:, :k], i2[:, :k]
+    return vals, idx
 
 
 def accumulator_dtype(device: torch.device | str) -> torch.dtype:
@@ -204,11 +221,11 @@ class TopK:
         kth = self.values[at, :, -1]
         if at not in self._full and bool(torch.isneginf(kth).any()):    # lists not full yet: plain top-k
             kk = min(self.k, x.shape[0])
-            # a stable sort, not topk: tied tokens rank in batch order, as on the path below, so the
-            # lists are the top-k under (value desc, token order) however the batches are sharded
-            vals, idx = (t[:kk] for t in torch.sort(x, dim=0, descending=True, stable=True))   # (kk, units)
-            merged = self._merged(self.values[at], self.prompt[at], self.position[at], vals.T,
-                                  prompt.to(torch.int32)[idx.T], position.to(torch.int32)[idx.T])
+            # tied tokens rank in batch order, as on the path below, so the lists are the top-k under
+            # (value desc, token order) however the batches are sharded
+            vals, idx = stable_topk(x.T, kk)                        # (units, kk)
+            merged = self._merged(self.values[at], self.prompt[at], self.position[at], vals,
+                                  prompt.to(torch.int32)[idx], position.to(torch.int32)[idx])
             self.values[at], self.prompt[at], self.position[at] = merged
             return
         self._full.add(at)
