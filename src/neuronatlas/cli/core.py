@@ -13,7 +13,7 @@ from neuronatlas.cli.common import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, conso
 __all__ = ["RayOpt", "WorkersOpt", "cluster_from_cli", "register"]
 
 WorkersOpt = Annotated[int, typer.Option(min=1, help="Ray workers (actors, each loads the model once); above 1, the "
-                                         "work is sharded over a local Ray cluster or --ray's ([distributed] extra)")]
+                                         "work is sharded over a local Ray cluster or --ray's (needs the distributed extra)")]
 RayOpt = Annotated[Optional[str], typer.Option("--ray", help="address of a running Ray cluster (e.g. 10.0.0.1:6379 or "
                                                "auto), see docs/distributed.md; implies sharding over --workers")]
 
