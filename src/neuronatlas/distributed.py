@@ -184,7 +184,7 @@ def _run_shards(ray: Any, make_actor: Callable[[], Any], ranges: list[tuple[int,
     """Drive shards over actors until every shard is done; ``resume[i]`` = (state or None, done).
 
     ``on_result(shard, done, payload)`` is called (on the driver) after each ``advance`` call.
-    Returns per-shard bookkeeping (restarts, resumed_from).
+    Returns per-shard restarts and compute seconds, and each fresh actor's model-load seconds.
     """
     dead = _dead_actor_errors(ray)
     todo = [i for i, (lo, hi) in enumerate(ranges) if resume[i][1] < hi]
