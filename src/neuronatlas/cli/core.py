@@ -21,7 +21,21 @@ from neuronatlas.cli.common import (
     progress_bar,
 )
 
-__all__ = ["register"]
+__all__ = ["RayOpt", "WorkersOpt", "cluster_from_cli", "register"]
+
+WorkersOpt = Annotated[int, typer.Option(min=1, help="Ray workers (actors, each loads the model once); above 1, the "
+                                         "work is sharded over a local Ray cluster or --ray's (needs the distributed extra)")]
+RayOpt = Annotated[Optional[str], typer.Option("--ray", help="address of a running Ray cluster (e.g. 10.0.0.1:6379 or "
+                                               "auto), see docs/distributed.md; implies sharding over --workers")]
+
+
+def cluster_from_cli(workers: int, ray_address: str | None, device: str) -> object | None:
+    """The :class:`~neuronatlas.distributed.Cluster` for ``--workers``/``--ray``; ``None`` = one process."""
+    if workers <= 1 and not ray_address:
+        return None
+    from neuronatlas.distributed import Cluster
+
+    return Cluster(workers=workers, address=ray_address, gpus=1.0 if device.startswith("cuda") else 0.0)
 
 
 def models_cmd(as_json: JsonOpt = False) -> None:
@@ -72,22 +86,34 @@ def record_cmd(
     pooled: Annotated[bool, typer.Option(help="keep per-prompt pooled responses (prompts x neurons, needed by AP "
                                           "scorers); --no-pooled keeps memory independent of corpus length")] = True,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+    workers: WorkersOpt = 1, ray_address: RayOpt = None,
 ) -> None:
     """Record per-label neuron statistics, pooled responses and top-k exemplars into an atlas (resumable)."""
     from neuronatlas.data.prompts import load_prompts
     from neuronatlas.record import RecordConfig, record
 
     prompts = load_prompts(data, text_field=text_field, label_field=label_field, skip_bad=skip_bad)
-    lm = load_model_cli(model, dtype, device, quiet=as_json)
+    cluster = cluster_from_cli(workers, ray_address, device)
+    # sharded: the driver's copy (tokenizer, provenance) stays on the CPU, the workers use --device
+    lm = load_model_cli(model, dtype, "cpu" if cluster else device, quiet=as_json)
     config = RecordConfig(component=site, pool=pool, top_k=top_k, batch_size=batch_size,  # type: ignore[arg-type]
                           max_length=max_length, keep_pooled=pooled)
     with progress_bar("recording", len(prompts), enabled=not as_json) as update:
-        result = record(lm, prompts, out, name=name, config=config, progress=update, force=force)
+        if cluster is None:
+            result = record(lm, prompts, out, name=name, config=config, progress=update, force=force)
+        else:
+            from neuronatlas.distributed import Cluster, ModelSource, record_distributed
+
+            assert isinstance(cluster, Cluster)
+            result = record_distributed(lm, prompts, out, load=ModelSource(model, dtype, device), name=name,
+                                        config=config, cluster=cluster, progress=update, force=force)
     counts = result.moments.count.tolist()
     summary = {"atlas": str(out), "record": name, "prompts": len(prompts), "skipped_rows": len(prompts.skipped),
                "labels": {lab: int(c) for lab, c in zip(result.labels, counts)}, "tokens": int(sum(counts)),
                "site": config.component.value, "pool": pool, "seconds": result.info.get("record_seconds"),
                "resumed_from_batch": result.info.get("resumed_from_batch")}
+    if "distributed" in result.info:
+        summary["distributed"] = result.info["distributed"]
 
     def render(d: dict[str, object]) -> None:
         table = Table("label", "tokens", title=f"recorded {d['prompts']} prompts into {d['atlas']} ({d['site']} site)")

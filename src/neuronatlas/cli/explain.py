@@ -26,6 +26,7 @@ from neuronatlas.cli.common import (
     positive_float,
     progress_bar,
 )
+from neuronatlas.cli.core import RayOpt, WorkersOpt, cluster_from_cli
 from neuronatlas.errors import DatasetError, ExplainerError, SelectionError
 from neuronatlas.ids import NeuronId
 
@@ -99,6 +100,7 @@ def exemplars_cmd(
     text_field: str = "text",
     force: Annotated[bool, typer.Option(help="discard a finished pass or a checkpoint")] = False,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+    workers: WorkersOpt = 1, ray_address: RayOpt = None,
 ) -> None:
     """Top-k and random exemplars of every neuron over a corpus, in one streaming pass (resumable)."""
     from neuronatlas.explain.exemplars import ExemplarConfig, collect_exemplars
@@ -106,10 +108,19 @@ def exemplars_cmd(
     config = ExemplarConfig(component=site, top_k=top_k, n_random=random, context=context, after=after,  # type: ignore[arg-type]
                             batch_size=batch_size, max_length=max_length, chunk_docs=chunk_docs, seed=seed)
     docs, name, meta = _corpus(corpus, max_docs, seed, text_field)
-    lm = load_model_cli(model, dtype, device, quiet=as_json)
+    cluster = cluster_from_cli(workers, ray_address, device)
+    lm = load_model_cli(model, dtype, "cpu" if cluster else device, quiet=as_json)
     with progress_bar("exemplars (docs)", None, enabled=not as_json) as update:
-        info = collect_exemplars(lm, docs, out, config=config, max_docs=max_docs, corpus_name=name, corpus_meta=meta,
-                                 progress=update, force=force)
+        if cluster is None:
+            info = collect_exemplars(lm, docs, out, config=config, max_docs=max_docs, corpus_name=name,
+                                     corpus_meta=meta, progress=update, force=force)
+        else:
+            from neuronatlas.distributed import Cluster, ModelSource, collect_exemplars_distributed
+
+            assert isinstance(cluster, Cluster)
+            info = collect_exemplars_distributed(lm, docs, out, load=ModelSource(model, dtype, device), config=config,
+                                                 max_docs=max_docs, corpus_name=name, corpus_meta=meta,
+                                                 cluster=cluster, progress=update, force=force)
     info = {k: v for k, v in info.items() if k != "corpus_meta"} | {"atlas": str(out)}
 
     def render(d: dict[str, Any]) -> None:

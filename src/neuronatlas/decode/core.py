@@ -314,26 +314,28 @@ def decode_arrays(lm: LoadedModel, k: int = 20, *, sides: Sequence[str] | str | 
         raise SiteError(f"top-k must be between 1 and the vocabulary size {vocab}, got {k}")
     side_list = check_sides(lm, sides)
     n_rows = len(side_list) * len(_resolve_layers(lm, layers)) * lm.n_neurons
-    top_ids = np.empty((n_rows, k), dtype=np.int32)
-    bottom_ids = np.empty((n_rows, k), dtype=np.int32)
-    top_scores = np.empty((n_rows, k), dtype=np.float32)
-    bottom_scores = np.empty((n_rows, k), dtype=np.float32)
+    out: dict[str, torch.Tensor] = {}          # results stay on the scan's device, copied to the host once
     topk_s = [0.0]
 
     def consume(start: int, stop: int, scores: torch.Tensor) -> None:
         t0 = time.perf_counter()
+        if not out:
+            for name, dtype in (("top_ids", torch.int32), ("top_scores", torch.float32),
+                                ("bottom_ids", torch.int32), ("bottom_scores", torch.float32)):
+                out[name] = torch.empty((n_rows, k), dtype=dtype, device=scores.device)
         top = scores.topk(k, dim=1)
         bottom = scores.topk(k, dim=1, largest=False)
-        top_ids[start:stop] = top.indices.cpu().numpy()
-        top_scores[start:stop] = top.values.cpu().numpy()
-        bottom_ids[start:stop] = bottom.indices.cpu().numpy()
-        bottom_scores[start:stop] = bottom.values.cpu().numpy()
+        out["top_ids"][start:stop] = top.indices
+        out["top_scores"][start:stop] = top.values
+        out["bottom_ids"][start:stop] = bottom.indices
+        out["bottom_scores"][start:stop] = bottom.values
         topk_s[0] += time.perf_counter() - t0
 
     info = scan_scores(lm, consume, sides=side_list, layers=layers, chunk=chunk, device=device, progress=progress)
     info.update(k=k, topk_s=topk_s[0])
-    return DecodedArrays(list(side_list), info["layers"], lm.n_neurons, k, top_ids, top_scores, bottom_ids,
-                         bottom_scores, info)
+    host = {name: t.cpu().numpy() for name, t in out.items()}
+    return DecodedArrays(list(side_list), info["layers"], lm.n_neurons, k, host["top_ids"], host["top_scores"],
+                         host["bottom_ids"], host["bottom_scores"], info)
 
 
 def token_ranks(lm: LoadedModel, token_ids: Sequence[int], *, side: str = DEFAULT_SIDE,
@@ -351,22 +353,23 @@ def token_ranks(lm: LoadedModel, token_ids: Sequence[int], *, side: str = DEFAUL
         raise SiteError(f"token ids must be non-empty and in 0-{vocab - 1}, got {ids[:5]}")
     layer_list = _resolve_layers(lm, layers)
     n_rows = len(layer_list) * lm.n_neurons
-    rank = np.empty(n_rows, dtype=np.int64)
-    score = np.empty(n_rows, dtype=np.float32)
-    which = np.empty(n_rows, dtype=np.int64)
-    id_tensor: list[torch.Tensor] = []
+    out: dict[str, torch.Tensor] = {}          # results stay on the scan's device, copied to the host once
 
     def consume(start: int, stop: int, scores: torch.Tensor) -> None:
-        if not id_tensor:
-            id_tensor.append(torch.tensor(ids, device=scores.device))
-        best = scores[:, id_tensor[0]].max(dim=1)
-        rank[start:stop] = (scores > best.values[:, None]).sum(dim=1).cpu().numpy()
-        score[start:stop] = best.values.cpu().numpy()
-        which[start:stop] = id_tensor[0][best.indices].cpu().numpy()
+        if not out:
+            out["ids"] = torch.tensor(ids, device=scores.device)
+            out["rank"] = torch.empty(n_rows, dtype=torch.int64, device=scores.device)
+            out["score"] = torch.empty(n_rows, dtype=torch.float32, device=scores.device)
+            out["which"] = torch.empty(n_rows, dtype=torch.int64, device=scores.device)
+        best = scores[:, out["ids"]].max(dim=1)
+        out["rank"][start:stop] = (scores > best.values[:, None]).sum(dim=1)
+        out["score"][start:stop] = best.values
+        out["which"][start:stop] = out["ids"][best.indices]
 
     info = scan_scores(lm, consume, sides=[side], layers=layer_list, chunk=chunk, device=device, progress=progress)
     shape = (len(layer_list), lm.n_neurons)
-    return rank.reshape(shape), score.reshape(shape), which.reshape(shape), info
+    rank, score, which = (out[name].cpu().numpy().reshape(shape) for name in ("rank", "score", "which"))
+    return rank, score, which, info
 
 
 def arrays_to_table(arrays: DecodedArrays, vocab: Sequence[str]) -> pa.Table:

@@ -77,6 +77,21 @@ class ExemplarStream:
             forward_through(lm, batch)             # nothing after the last layer is needed
         self.tokens_seen += int(counted_index.numel())
 
+    def merge(self, other: "ExemplarStream") -> "ExemplarStream":
+        """Fold in a finished stream over a *later* part of the corpus (a shard; same model and settings).
+
+        Top-k entries merge exactly (ties keep this stream's, earlier, entries, as one pass would);
+        the random samples merge by key, which keeps a uniform sample of both parts' tokens (with
+        each shard's own generator, so not the draw of one pass). The merged stream is final: its
+        generator is not meant to continue.
+        """
+        for mine, theirs in zip(self.top, other.top):
+            mine.merge(theirs)
+        for res, theirs_res in zip(self.reservoirs, other.reservoirs):
+            res.sample.merge(theirs_res.sample)
+        self.tokens_seen += other.tokens_seen
+        return self
+
     @property
     def random(self) -> list[WindowTopK]:
         """Per layer, the random sample (values are the sampling keys, not activations)."""

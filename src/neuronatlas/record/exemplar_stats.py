@@ -23,7 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from neuronatlas.stats.running import TopK
+from neuronatlas.stats.running import TopK, stable_topk
 
 __all__ = ["Reservoir", "WindowTopK"]
 
@@ -97,7 +97,7 @@ class WindowTopK:
         if tok_i.numel() == 0:
             return
         score = flat.reshape(-1).take(tok_i * n_units + unit_i).float()
-        perm = torch.argsort(unit_i * 2**32 + _descending_bits(score), stable=True)   # by unit, then value desc
+        perm = torch.argsort(unit_i * 2**32 + _descending_bits(score + 0.0), stable=True)   # by unit, then value desc (-0 = +0)
         tok_i, unit_i, score = tok_i[perm], unit_i[perm], score[perm]
         counts = torch.bincount(unit_i, minlength=n_units)
         rank = torch.arange(unit_i.numel(), device=flat.device) - (counts.cumsum(0) - counts)[unit_i]
@@ -119,7 +119,8 @@ class WindowTopK:
         index = counted.nonzero()[:, 0]
         if index.numel() == 0:
             return
-        vals, pick = scores.index_select(0, index).t().contiguous().topk(min(self.k, index.numel()), dim=1)
+        # tied tokens rank in batch order (as in ``update``), so sharded passes keep one pass's entries
+        vals, pick = stable_topk(scores.index_select(0, index).t().contiguous(), min(self.k, index.numel()))
         units = torch.arange(scores.shape[1], device=scores.device)
         self.offer(units, vals, index[pick], h, doc, lengths)
 

@@ -12,28 +12,60 @@ recording can checkpoint, resume and shard across workers.
 Means and sums of squared deviations are combined with Chan et al.'s parallel update in float64;
 each batch's own sums (of x and x**2, per label) are float32 matrix products, turned into the batch
 mean and squared deviations in float64.
+
+Both statistics live on a device (``device=``; the model's, so a recorder never copies activations
+to the host): every update is device arithmetic, and only :meth:`state` copies to the host. Inputs
+of any floating dtype (bfloat16 models included) are folded in float32; accumulators are float64
+(float32 on MPS, which has no float64).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-__all__ = ["LabelMoments", "TopK"]
+__all__ = ["LabelMoments", "TopK", "accumulator_dtype", "stable_topk"]
+
+
+def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest values of each row of ``x`` (rows, n) and their indices, best first, ties in
+    index order: the first ``k`` of a stable descending sort, at about the cost of ``topk`` (rows
+    where a value tied with the k-th one was left out are redone with the stable sort)."""
+    vals, idx = x.topk(k, dim=1)
+    idx, perm = idx.sort(dim=1)                                      # picks in index order ...
+    vals = vals.gather(1, perm)
+    order = torch.sort(vals, dim=1, descending=True, stable=True).indices   # ... then by value, stably
+    vals, idx = vals.gather(1, order), idx.gather(1, order)
+    if k:
+        tied = ((x >= vals[:, -1:]).sum(1) > k).nonzero()[:, 0]      # a k-th value shared with a left-out one
+        if tied.numel():
+            v2, i2 = torch.sort(x.index_select(0, tied), dim=1, descending=True, stable=True)
+            vals[tied], idx[tied] = v2[:, :k], i2[:, :k]
+    return vals, idx
+
+
+def accumulator_dtype(device: torch.device | str) -> torch.dtype:
+    """float64 wherever the device has it (MPS has not: float32 there)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 class LabelMoments:
     """Per-label token count, mean, variance, max and activation probability (fraction > 0)."""
 
-    def __init__(self, n_labels: int, shape: tuple[int, ...]) -> None:
+    def __init__(self, n_labels: int, shape: tuple[int, ...], *, device: torch.device | str = "cpu") -> None:
         self.n_labels, self.shape = n_labels, tuple(shape)
-        self.count = torch.zeros(n_labels, dtype=torch.float64)
-        self.mean = torch.zeros(n_labels, *shape, dtype=torch.float64)
-        self.m2 = torch.zeros(n_labels, *shape, dtype=torch.float64)
-        self.max = torch.full((n_labels, *shape), float("-inf"), dtype=torch.float32)
-        self.active = torch.zeros(n_labels, *shape, dtype=torch.float64)
+        acc = accumulator_dtype(device)
+        self.count = torch.zeros(n_labels, dtype=acc, device=device)
+        self.mean = torch.zeros(n_labels, *shape, dtype=acc, device=device)
+        self.m2 = torch.zeros(n_labels, *shape, dtype=acc, device=device)
+        self.max = torch.full((n_labels, *shape), float("-inf"), dtype=torch.float32, device=device)
+        self.active = torch.zeros(n_labels, *shape, dtype=acc, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.mean.device
 
     def update(self, x: torch.Tensor, labels: torch.Tensor, *, at: int | None = None) -> None:
         """Add tokens ``x`` of shape (tokens, *shape) whose labels are ``labels`` (tokens,).
@@ -48,13 +80,14 @@ class LabelMoments:
         if x.shape[0] == 0:
             return
         x = x.float().reshape(x.shape[0], -1)
+        acc = self.mean.dtype
         present, inv = torch.unique(labels, return_inverse=True)
         onehot = torch.nn.functional.one_hot(inv, len(present)).T.to(x.dtype)      # (labels in batch, tokens)
-        n_b = onehot.sum(1).double()[:, None]
-        s1 = (onehot @ x).double()
-        s2 = (onehot @ (x * x)).double()
+        n_b = onehot.sum(1).to(acc)[:, None]
+        s1 = (onehot @ x).to(acc)
+        s2 = (onehot @ (x * x)).to(acc)
         act = onehot @ x.clamp_min(0).sign_()
-        mx = torch.full((len(present), x.shape[1]), float("-inf")).scatter_reduce_(
+        mx = torch.full((len(present), x.shape[1]), float("-inf"), device=x.device).scatter_reduce_(
             0, inv[:, None].expand(-1, x.shape[1]), x, "amax")
         mean_b = s1 / n_b
         m2_b = (s2 - s1 * mean_b).clamp_min(0.0)
@@ -67,13 +100,13 @@ class LabelMoments:
         mean[present] = mean[present] + delta * (n_b / total)
         m2[present] = m2[present] + m2_b + delta**2 * (n_a * n_b / total)
         mxv[present] = torch.maximum(mxv[present], mx)
-        active[present] = active[present] + act.double()
+        active[present] = active[present] + act.to(acc)
         if at is None:
             self.count[present] += n_b[:, 0]
 
     def commit(self, labels: torch.Tensor) -> None:
         """Count a batch's tokens after every slice was added with ``update(..., at=i)``."""
-        self.count += torch.bincount(labels, minlength=self.n_labels).double()
+        self.count += torch.bincount(labels, minlength=self.n_labels).to(self.count.dtype)
 
     def _combine(self, k: int, n_b: float, mean_b: torch.Tensor, m2_b: torch.Tensor) -> None:
         n_a = float(self.count[k])
@@ -86,16 +119,31 @@ class LabelMoments:
         self.count[k] = total
 
     def merge(self, other: "LabelMoments") -> "LabelMoments":
-        """Fold another shard's statistics (same labels and shape) into this one."""
+        """Fold another shard's statistics (same labels and shape) into this one (on this one's device).
+
+        Counts, maxima and active counts merge exactly; means and squared deviations with Chan's
+        update, equal to a sequential pass up to float64 rounding (see ``docs/distributed.md``).
+        """
+        other = other.to(self.device)
         for k in range(self.n_labels):
             self._combine(k, float(other.count[k]), other.mean[k], other.m2[k])
         self.max = torch.maximum(self.max, other.max)
         self.active += other.active
         return self
 
+    def to(self, device: torch.device | str) -> "LabelMoments":
+        """These statistics on ``device`` (``self`` when already there)."""
+        if torch.device(device) == self.device:
+            return self
+        out = LabelMoments.__new__(LabelMoments)
+        out.n_labels, out.shape = self.n_labels, self.shape
+        for name in ("count", "mean", "m2", "max", "active"):
+            setattr(out, name, getattr(self, name).to(device))
+        return out
+
     def total(self) -> "LabelMoments":
         """All labels merged into one."""
-        out = LabelMoments(1, self.shape)
+        out = LabelMoments(1, self.shape, device=self.device)
         for k in range(self.n_labels):
             out._combine(0, float(self.count[k]), self.mean[k], self.m2[k])
         out.max[0] = self.max.max(0).values
@@ -113,15 +161,16 @@ class LabelMoments:
         return self.active / self.count.clamp(min=1).view(-1, *[1] * len(self.shape))
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"count": self.count.numpy(), "mean": self.mean.numpy(), "m2": self.m2.numpy(),
-                "max": self.max.numpy(), "active": self.active.numpy()}
+        """Host copies of the accumulators (the only place they leave the device)."""
+        return {name: getattr(self, name).cpu().numpy() for name in ("count", "mean", "m2", "max", "active")}
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> "LabelMoments":
+    def from_state(cls, state: dict[str, np.ndarray], *, device: torch.device | str = "cpu") -> "LabelMoments":
         n_labels, *shape = state["mean"].shape
-        out = cls(n_labels, tuple(shape))
+        out = cls.__new__(cls)
+        out.n_labels, out.shape = n_labels, tuple(shape)
         for name in ("count", "mean", "m2", "max", "active"):
-            setattr(out, name, torch.from_numpy(np.array(state[name])))
+            setattr(out, name, torch.from_numpy(np.array(state[name])).to(device))
         return out
 
 
@@ -132,11 +181,23 @@ class TopK:
     values: torch.Tensor
     prompt: torch.Tensor
     position: torch.Tensor
+    # rows (``at``) known to be full; lists never empty again, so the check syncs a device only once
+    _full: set[int] = field(default_factory=set, init=False, repr=False, compare=False)
 
     @classmethod
-    def empty(cls, shape: tuple[int, ...], k: int) -> "TopK":
-        return cls(torch.full((*shape, k), float("-inf")), torch.full((*shape, k), -1, dtype=torch.int32),
-                   torch.full((*shape, k), -1, dtype=torch.int32))
+    def empty(cls, shape: tuple[int, ...], k: int, *, device: torch.device | str = "cpu") -> "TopK":
+        return cls(torch.full((*shape, k), float("-inf"), device=device),
+                   torch.full((*shape, k), -1, dtype=torch.int32, device=device),
+                   torch.full((*shape, k), -1, dtype=torch.int32, device=device))
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to(self, device: torch.device | str) -> "TopK":
+        if torch.device(device) == self.device:
+            return self
+        return TopK(self.values.to(device), self.prompt.to(device), self.position.to(device))
 
     @property
     def k(self) -> int:
@@ -158,13 +219,16 @@ class TopK:
             return
         x = x.float()
         kth = self.values[at, :, -1]
-        if bool(torch.isneginf(kth).any()):                        # lists not full yet: plain top-k
+        if at not in self._full and bool(torch.isneginf(kth).any()):    # lists not full yet: plain top-k
             kk = min(self.k, x.shape[0])
-            vals, idx = x.topk(kk, dim=0)                          # (kk, units)
-            merged = self._merged(self.values[at], self.prompt[at], self.position[at], vals.T,
-                                  prompt.to(torch.int32)[idx.T], position.to(torch.int32)[idx.T])
+            # tied tokens rank in batch order, as on the path below, so the lists are the top-k under
+            # (value desc, token order) however the batches are sharded
+            vals, idx = stable_topk(x.T, kk)                        # (units, kk)
+            merged = self._merged(self.values[at], self.prompt[at], self.position[at], vals,
+                                  prompt.to(torch.int32)[idx], position.to(torch.int32)[idx])
             self.values[at], self.prompt[at], self.position[at] = merged
             return
+        self._full.add(at)
         # only tokens strictly above a unit's k-th value can enter (a tie keeps the older entry)
         tok, unit = (x > kth).nonzero(as_tuple=True)
         if tok.numel() == 0:
@@ -176,13 +240,14 @@ class TopK:
         order = order[torch.sort(unit[order], stable=True).indices]
         units, counts = torch.unique_consecutive(unit[order], return_counts=True)
         start = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(len(order)) - torch.repeat_interleave(start, counts)
+        dev = x.device
+        rank = torch.arange(len(order), device=dev) - torch.repeat_interleave(start, counts)
         keep = rank < k
         order, rank = order[keep], rank[keep]
-        row = torch.repeat_interleave(torch.arange(len(units)), counts)[keep]
-        new_v = torch.full((len(units), k), float("-inf"))
-        new_p = torch.full((len(units), k), -1, dtype=torch.int32)
-        new_pos = torch.full((len(units), k), -1, dtype=torch.int32)
+        row = torch.repeat_interleave(torch.arange(len(units), device=dev), counts)[keep]
+        new_v = torch.full((len(units), k), float("-inf"), device=dev)
+        new_p = torch.full((len(units), k), -1, dtype=torch.int32, device=dev)
+        new_pos = torch.full((len(units), k), -1, dtype=torch.int32, device=dev)
         new_v[row, rank] = val[order]
         new_p[row, rank] = prompt.to(torch.int32)[tok[order]]
         new_pos[row, rank] = position.to(torch.int32)[tok[order]]
@@ -204,13 +269,17 @@ class TopK:
                                                                vals, prompt, position)
 
     def merge(self, other: "TopK") -> "TopK":
+        """Fold in a later shard's lists: on ties this one's (earlier) entries win, as in one pass."""
+        other = other.to(self.device)
         self._merge(other.values, other.prompt, other.position)
+        self._full.clear()
         return self
 
     def state(self) -> dict[str, np.ndarray]:
-        return {"values": self.values.numpy(), "prompt": self.prompt.numpy(), "position": self.position.numpy()}
+        """Host copies of the lists (the only place they leave the device)."""
+        return {"values": self.values.cpu().numpy(), "prompt": self.prompt.cpu().numpy(),
+                "position": self.position.cpu().numpy()}
 
     @classmethod
-    def from_state(cls, state: dict[str, np.ndarray]) -> "TopK":
-        return cls(torch.from_numpy(np.array(state["values"])), torch.from_numpy(np.array(state["prompt"])),
-                   torch.from_numpy(np.array(state["position"])))
+    def from_state(cls, state: dict[str, np.ndarray], *, device: torch.device | str = "cpu") -> "TopK":
+        return cls(*(torch.from_numpy(np.array(state[name])).to(device) for name in ("values", "prompt", "position")))
