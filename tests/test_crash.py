@@ -58,7 +58,7 @@ def commands(env: dict[str, Path], out: Path) -> dict[str, list[str]]:
         "exemplars": ["exemplars", "--model", model, "--corpus", str(env["corpus"]), "--out", str(out), "--batch-size",
                       "2", "--max-length", "24", "--chunk-docs", "8", "--top-k", "5", "--random", "3", "--json"],
         "study": ["study", "clamp", "--model", model, "--concept", "dog", "--out", str(out), "--neurons", "3",
-                  "--seeds", "2", "--n-prompts", "3", "--n-texts", "8", "--max-new-tokens", "4", "--json"],
+                  "--n-random", "2", "--n-prompts", "3", "--n-texts", "8", "--max-new-tokens", "4", "--json"],
     }
 
 
@@ -115,7 +115,8 @@ def run_in_process(args: list[str], capsys) -> dict:
 
 
 VOLATILE = {"record_seconds", "resumed_from_batch", "resumed_from_doc", "stream_seconds", "write_seconds", "seconds",
-            "timings", "created", "scan_seconds", "date", "reused", "docs_stored"}
+            "timings", "created", "scan_seconds", "date", "reused", "docs_stored",
+            "timing", "wall time (s)"}          # a study's wall clock and forward counts (a resumed run does less)
 
 
 def strip(value):
