@@ -65,3 +65,6 @@ def test_layer_concentration_binomial() -> None:
     late = rules.layer_concentration({"r": [0, 0, 0, 0, 5, 5]}, alpha=0.05, region="late")
     assert late.holds is True and late.key == "layers_late"
     assert rules.layer_concentration({"r": [2, 2]}, alpha=0.05).holds is None          # too few layers
+    # thousands of neurons make a one-point excess 'significant'; the effect-size threshold says no
+    big = rules.layer_concentration({"r": [4200, 4600, 4200]}, alpha=0.05)
+    assert big.numbers["p"] < 0.05 and big.holds is False and "ratio 1.06" in big.text

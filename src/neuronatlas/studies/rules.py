@@ -118,10 +118,12 @@ def interference(key: str, title: str, pairs: Sequence[Mapping[str, Any]], *, al
                             "pairs": [f"{d['deactivated']}->{d['evaluated']}" for d in sig]})
 
 
-def layer_concentration(layers: Mapping[str, Sequence[int]], *, alpha: float, region: str = "middle") -> Finding:
+def layer_concentration(layers: Mapping[str, Sequence[int]], *, alpha: float, region: str = "middle",
+                        min_ratio: float = 1.25) -> Finding:
     """Share of all selected neurons in the ``region`` third of the layers ('early', 'middle' or
     'late'), against the share of layers in that region; one-sided exact binomial test. Holds when
-    the share is larger than the region's share of layers with p < ``alpha``."""
+    the share is at least ``min_ratio`` times the region's share of layers (an effect size: with
+    thousands of neurons a 1-point excess is 'significant' but is no concentration) and p < ``alpha``."""
     from scipy import stats
 
     counts = np.sum([np.asarray(v, dtype=int) for v in layers.values()], axis=0) if layers else np.zeros(0, int)
@@ -134,14 +136,16 @@ def layer_concentration(layers: Mapping[str, Sequence[int]], *, alpha: float, re
     expected = (hi - lo) / n_layers if n_layers else math.nan
     share = inside / total if total else math.nan
     p = float(stats.binomtest(inside, total, expected, alternative="greater").pvalue) if total and 0 < expected < 1 else math.nan
-    holds = None if not math.isfinite(p) or n_layers < 3 else bool(p < alpha and share > expected)
+    ratio = share / expected if total and expected else math.nan
+    holds = None if not math.isfinite(p) or n_layers < 3 else bool(p < alpha and ratio >= min_ratio)
     verdict = ("too few layers to test" if holds is None else
                f"the neurons are {'' if holds else 'not shown to be '}concentrated there")
     text = (f"{pct(share)} of the {total} selected neurons lie in the {region} third of the layers (layers {lo}-{hi - 1}), "
-            f"which holds {pct(expected)} of the layers; binomial p = {num(p, '.2g')}: {verdict}.")
+            f"which holds {pct(expected)} of the layers (ratio {num(ratio)}); binomial p = {num(p, '.2g')}: {verdict}.")
     return Finding(f"layers_{region}", "Layer distribution", text,
-                   rule=f"one-sided binomial test of the share in the {region} third against its share of layers, p < {alpha}",
-                   holds=holds, numbers={"share": share, "expected": expected, "p": p, "total": total})
+                   rule=f"share in the {region} third >= {min_ratio} x its share of layers and one-sided binomial "
+                        f"p < {alpha}", holds=holds,
+                   numbers={"share": share, "expected": expected, "ratio": ratio, "p": p, "total": total})
 
 
 def _fin(x: Any) -> float:
