@@ -17,8 +17,8 @@ shard's last checkpoint by a fresh actor; a rerun of a killed driver resumes eve
     >>> from neuronatlas.distributed import Cluster, record_distributed
     >>> from neuronatlas.models import load_model
     >>> lm = load_model("default")                      # the driver's copy: tokenizer and provenance
-    >>> res = record_distributed(lm, prompts, "my-atlas", load=partial(load_model, "default"),
-    ...                          cluster=Cluster(workers=2))        # ray.init() starts a local cluster
+    >>> res = record_distributed(lm, prompts, "ray-atlas", load=partial(load_model, "default"),
+    ...                          cluster=Cluster(workers=2))   # doctest: +SKIP
 
 See ``docs/distributed.md`` for running on a real cluster (``ray start --head``, ``--ray ADDRESS``).
 """

@@ -15,11 +15,17 @@ device of the activations they are fed) and the bundle the recorder drives:
 - :class:`NeuronStats`: both, for :func:`neuronatlas.record.record` (checkpoint, resume, final tables
   ``histograms``, ``glu_signs`` and ``glu_exemplars`` under ``records/<name>/``).
 
+    >>> import torch
     >>> from neuronatlas.record.neuron_stats import ActivationHistogram, EDGES
-    >>> h = ActivationHistogram(n_labels=2, n_layers=30, n_neurons=1536)
-    >>> h.update(acts, token_labels, layer=12)          # acts: (tokens, neurons); token_labels: (tokens,)
-    >>> h.counts.shape                                  # (layers, labels, neurons, 51)
-    >>> h.merge(other_shard)
+    >>> h = ActivationHistogram(n_labels=2, n_layers=1, n_neurons=3)
+    >>> acts = torch.tensor([[0.5, -2.0, 0.0], [10.0, 0.01, -0.2]])     # (tokens, neurons)
+    >>> h.update(acts, torch.tensor([0, 1]), layer=0)                   # token labels: (tokens,)
+    >>> tuple(h.counts.shape), int(h.counts.sum())                      # (layers, labels, neurons, bins)
+    ((1, 2, 3, 51), 6)
+    >>> other = ActivationHistogram(n_labels=2, n_layers=1, n_neurons=3)
+    >>> other.update(acts, torch.tensor([1, 1]), layer=0)
+    >>> int(h.merge(other).counts.sum())                                # a shard merged: counts add
+    12
 """
 
 from __future__ import annotations

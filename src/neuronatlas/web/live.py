@@ -5,10 +5,11 @@ This is the only viewer module that imports torch, and only ``serve --model`` im
 time: the per-token activations of one neuron at the atlas's site, read with the recorder's own
 tokenisation and hooks, and the forward pass stops at the neuron's layer.
 
+    >>> from neuronatlas.web.data import Library
     >>> from neuronatlas.web.live import LiveModel
-    >>> live = LiveModel(load_model("default"))
-    >>> live.check_atlas(Library(["out/relations/atlas"]).get("atlas"))
-    >>> live.activations("The capital of France is Paris", layer=12, neuron=345)
+    >>> live = LiveModel(load_model("default"))                                   # doctest: +SKIP
+    >>> live.check_atlas(Library(["out/relations/atlas"]).get("atlas"))          # doctest: +SKIP
+    >>> live.activations("The capital of France is Paris", layer=12, neuron=345)  # doctest: +SKIP
     {'tokens': ['The', 'Ġcapital', ...], 'acts': [0.01, ...]}
 """
 

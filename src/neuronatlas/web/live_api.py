@@ -5,7 +5,7 @@
 client that is not on this machine), 413 (body too large), 415 (not JSON) or 429 (this client
 already has a request running). The route exists only when the server was started with a model.
 
-    >>> add_live_route(app, library, live)      # live: neuronatlas.web.live.LiveModel
+    >>> add_live_route(app, library, live)      # live: neuronatlas.web.live.LiveModel  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ only, beside the downloads.
 
     >>> from neuronatlas.web.data import Library
     >>> from neuronatlas.web.study import study_context
-    >>> ctx = study_context(Library(["my-atlas"]).get("my-atlas"), "relations")
-    >>> [f["title"] for f in ctx["report"]["findings"]]
+    >>> ctx = study_context(Library(["out/relations/atlas"]).get("atlas"), "relations")  # doctest: +SKIP
+    >>> [f["title"] for f in ctx["report"]["findings"]]                                # doctest: +SKIP
 """
 
 from __future__ import annotations
