@@ -486,8 +486,9 @@ def _count_kinds(grid: Grid) -> dict[str, int]:
     return dict(out)
 
 
-def summary_markdown(report: StudyReport) -> str:
-    """The findings (with their rules) and the first table of each section, as Markdown."""
+def summary_markdown(report: StudyReport, max_rows: int = 40) -> str:
+    """The findings (with their rules) and the first table of each section (at most ``max_rows``
+    rows; the rest are in results.json and report.html), as Markdown."""
     lines = [f"## {report.title}", ""]
     setup = ", ".join(f"{k}: {v}" for k, v in report.setup.items())
     lines += [f"Setup: {setup}.", "", "Findings (each computed by the stated rule):", ""]
@@ -498,7 +499,9 @@ def summary_markdown(report: StudyReport) -> str:
         for t in sec.tables[:1]:
             lines += ["", f"### {sec.title}", "", "| " + " | ".join(t.columns) + " |",
                       "|" + "---|" * len(t.columns)]
-            lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in t.rows]
+            lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in t.rows[:max_rows]]
+            if len(t.rows) > max_rows:
+                lines += ["", f"({len(t.rows) - max_rows} more rows in results.json and report.html)"]
     return "\n".join(lines) + "\n"
 
 
