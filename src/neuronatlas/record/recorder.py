@@ -253,15 +253,19 @@ def record_info(plan: RecordPlan, prompts: PromptSet, config: RecordConfig, n_la
             "n_batches": len(plan.batches), "n_layers": n_layers, "n_neurons": n_neurons}
 
 
-def result_from_state(name: str, plan: RecordPlan, config: RecordConfig, state: dict[str, np.ndarray],
-                      pooled: np.ndarray | None, info: dict[str, Any]) -> RecordResult:
-    """A host-side result from the folds' flat state (``m.*``, ``t.*`` and any other fold's keys)."""
+def _unpack_state(state: dict[str, np.ndarray]) -> tuple[LabelMoments, TopK, dict[str, dict[str, np.ndarray]]]:
+    """Split a flat ``prefix.key`` state into the moments (``m``), the top-k (``t``) and other folds' parts."""
     parts: dict[str, dict[str, np.ndarray]] = {}
     for key, value in state.items():
         prefix, _, rest = key.partition(".")
         parts.setdefault(prefix, {})[rest] = value
-    moments = LabelMoments.from_state(parts.pop("m"))
-    topk = TopK.from_state(parts.pop("t"))
+    return LabelMoments.from_state(parts.pop("m")), TopK.from_state(parts.pop("t")), parts
+
+
+def result_from_state(name: str, plan: RecordPlan, config: RecordConfig, state: dict[str, np.ndarray],
+                      pooled: np.ndarray | None, info: dict[str, Any]) -> RecordResult:
+    """A host-side result from the folds' flat state (``m.*``, ``t.*`` and any other fold's keys)."""
+    moments, topk, parts = _unpack_state(state)
     return RecordResult(name, plan.labels, moments, topk, pooled, plan.prompt_labels, config, info, parts)
 
 
@@ -381,12 +385,7 @@ def load_record(atlas: Atlas | str | Path, name: str = "default") -> RecordResul
     info = store.read_json(f"{rel}/record.json")
     state = store.read_arrays(f"{rel}/moments.safetensors")
     prompt_labels = state.pop("prompt_labels")
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in state.items():
-        prefix, _, rest = key.partition(".")
-        parts.setdefault(prefix, {})[rest] = value
-    moments = LabelMoments.from_state(parts.pop("m"))
-    topk = TopK.from_state(parts.pop("t"))
+    moments, topk, parts = _unpack_state(state)
     pooled = None
     if store.has(f"{rel}/pooled.safetensors"):
         pooled = store.read_arrays(f"{rel}/pooled.safetensors")["pooled"]
