@@ -265,3 +265,19 @@ def test_exemplars_corpus_not_utf8(capsys, env, tmp_path, suffix, content):
     one_line_error(capsys, ["exemplars", "--model", str(env["model"]), "--corpus", str(env["data"]), "--corpus",
                             str(corpus), "--out", str(tmp_path / "o")], str(corpus), "not UTF-8", "byte 0xe9")
     assert not (tmp_path / "o" / "corpus_exemplars.parquet").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["study", "relations", "--out", "x", "--n-random", "-1"],
+    ["study", "relations", "--out", "x", "--select-fraction", "2"],
+    ["study", "relations", "--out", "x", "--few-shot", "99"],
+    ["study", "clamp", "--concept", "dog", "--out", "x", "--value", "inf"],
+    ["study", "languages", "--out", "x", "--n-random", "0"],
+])
+def test_study_options_are_checked_at_the_boundary(args, capsys, tmp_path, monkeypatch):
+    from neuronatlas.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and not (tmp_path / "x").exists()
