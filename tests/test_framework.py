@@ -66,6 +66,40 @@ def test_compare_against_hand_computations() -> None:
     assert json.dumps(c.to_json())                                # JSON-ready, NaN-free
 
 
+def test_random_arms_measured_on_a_subset_count_only_on_those_items() -> None:
+    m = _measured()
+    m.grid.add(Arm("known|rand0", (), "x", "random", of="sel", subset=(0, 2)))
+    m.values = {**m.values, "known|rand0": {"ok": [0, 0], "lp": [-5.0, -5.0]}}   # type: ignore[misc]
+    on_known = m.compare("sel", "ok", baseline="base", subset=[0, 2])
+    assert on_known.n_random == 4 and on_known.random_mean == pytest.approx((1 + 1 + 0.5 + 0) / 4)
+    # on all items the subset arm cannot be compared: it is left out, not averaged over 2 of 6 items
+    on_all = m.compare("sel", "ok", baseline="base")
+    assert on_all.n_random == 3 and on_all.random_mean == pytest.approx(np.mean([5 / 6, 4 / 6, 5 / 6]))
+
+
+def test_interference_candidates_are_every_pair_the_rule_can_pass() -> None:
+    """Random sets are spent only on pairs with an uncorrected McNemar p < alpha: BH never lowers a
+    p-value, so a pair outside that set is never flagged, whatever the other pairs' p-values."""
+    from neuronatlas.stats.inference import benjamini_hochberg
+    from neuronatlas.studies.relations import interference_candidate
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        p = rng.uniform(0, 0.2, size=int(rng.integers(1, 12))) ** rng.uniform(0.5, 3)
+        flagged = benjamini_hochberg(p, 0.05)
+        assert not np.any(flagged & (p >= 0.05))
+    m = _measured()
+    m.grid.add(Arm("gain", (), "y", "selected"))
+    m.grid.add(Arm("base_y", (), "y", "baseline"))
+    # a loss is never a candidate; a clear gain over 8 facts is (one-sided p = 0.5 ** 8)
+    m.values = {**m.values, "gain": {"exact": [0] * 8}, "base_y": {"exact": [1] * 8}}   # type: ignore[misc]
+    assert not interference_candidate(m, "gain", "base_y", 0.05)
+    m.values = {**m.values, "gain": {"exact": [1] * 8}, "base_y": {"exact": [0] * 8}}   # type: ignore[misc]
+    assert interference_candidate(m, "gain", "base_y", 0.05)
+    m.values = {**m.values, "gain": {"exact": [1, 1, 0, 0, 0, 0, 0, 0]}}   # type: ignore[misc]
+    assert not interference_candidate(m, "gain", "base_y", 0.05)          # p = 0.25: cannot survive BH
+
+
 def test_report_round_trip_and_json_safety() -> None:
     rep = StudyReport("s", "S", setup={"x": float("nan")}, findings=[Finding("k", "K", "text", "rule", True, {"v": 1})],
                       sections=[Section("A", "k", figures=["a.png"], tables=[Table(["c"], [[np.float32(1.5)], [None]])])])

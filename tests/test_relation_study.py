@@ -54,8 +54,13 @@ def test_miniature_study_on_tiny_model(tmp_path):
     assert saved["cross_deactivation"]["relations"] == rels and len(saved["selection"]["neurons"]["country_capital"]) == 8
     # every arm the design asks for, and the random arms only where a test needs them
     kinds = saved["conditions"]["by_kind"]
-    gaining = sum(1 for d in saved["interference_pairs"] if d["delta_acc"] > 0)
-    assert kinds["baseline"] == 3 and kinds["random"] == 2 * (3 + 3 + gaining)    # own, cum 0.5, gaining pairs
+    candidates = sum(1 for d in saved["interference_pairs"] if d["delta_acc"] > 0 and d["p_mcnemar"] < cfg.alpha)
+    assert kinds["baseline"] == 3 and kinds["random"] == 2 * (3 + 3 + candidates)  # own, cum 0.5, candidate pairs
+    state = json.loads((tmp_path / "study/state.json").read_text())
+    for r in rels:   # the own effect's random arms ran on the known facts only; the selected arm on all
+        assert len(state["data"][f"arm|deact:{r}@{r}|rand0"]["exact"]) == saved["baseline_table"][r]["known"]
+        assert len(state["data"][f"arm|deact:{r}@{r}"]["exact"]) == saved["baseline_table"][r]["facts"]
+    assert set(saved["trend_all_facts"]) == set(rels) and "acc_selected_all" in saved["cumulativity"][rels[0]][0]
     for name in ("report.html", "summary.md", "overlap.png", "layers.png", "cross_deactivation.png",
                  "cumulativity_country_capital.png"):
         assert (tmp_path / "study" / name).stat().st_size > 0

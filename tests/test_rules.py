@@ -39,6 +39,10 @@ def test_dose_response_monotone_only_when_falling_and_no_rise() -> None:
     assert f.numbers["falling"] == ["a", "b"] and f.numbers["monotone"] == ["a"]
     assert f.numbers["steeper_than_random"] == ["a"] and f.holds is False      # 2 of 4 is not a majority
     assert "falls with the dose for 2 of 4" in f.text and "1 of the falling curves" in f.text
+    # a trend measured without random curves does not claim a comparison with them
+    bare = {c: {**t, "p_slope_vs_random": math.nan} for c, t in trends.items()}
+    g = rules.dose_response_finding("cum", "C", bare, alpha=0.05, on="recall")
+    assert "no random curves were measured" in g.text and "steeper" not in g.text and g.numbers["falling"] == ["a", "b"]
 
 
 def test_interference_only_for_rises_that_survive_bh() -> None:

@@ -95,6 +95,9 @@ def target_logprobs(lm: LoadedModel, prompts: Sequence[str], targets: Sequence[s
     res = _Results.empty(len(conds), len(prompts), lm.device)
     head_len = [_informative_length(lm, t) for t in t_ids]
     plain, cached = plan_prefixes(pre_ids, rem_ids, prefixes is not None and prefix_cache)
+    # similar lengths share a batch: left padding costs as much as a real token (25% of the relation
+    # study's tokens when batches followed the fact order, 4% when sorted by length)
+    plain = sorted(plain, key=lambda i: (len(pre_ids[i]) + len(rem_ids[i]) + len(t_ids[i]), i))
     for prefix, rems in cached:
         _targets_cached(lm, prefix, rems, t_ids, head_len, conds, res, batch_size, max_rows, progress)
     for rows in batches(len(plain), batch_size):
@@ -245,6 +248,7 @@ def next_token_logprobs(lm: LoadedModel, prompts: Sequence[str], *, conditions: 
                                                 past_variants=kv.variant_of[start:start + len(group)]).logits
                 logp = logits[:, 0].float().log_softmax(-1).view(len(group), len(rows), -1)
                 out[start:start + len(group), idx] = logp[..., :vocab]
+    plain = sorted(plain, key=lambda i: (len(pre_ids[i]) + len(rem_ids[i]), i))     # less left padding
     for chunk in batches(len(plain), batch_size):
         rows = [plain[r] for r in chunk]
         batch = pad_ids(lm, [pre_ids[i] + rem_ids[i] for i in rows], "left")

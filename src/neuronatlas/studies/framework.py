@@ -237,8 +237,9 @@ class Measured:
         items = list(items)
         sel = self.on(key, metric, items)
         base = self.on(baseline, metric, items)
+        # a random arm counts only where it was measured on every compared item
         rand = [float(self.on(r.key, metric, items).mean()) for r in self.grid.randoms(key) if r.key in self.values
-                and len(items)]
+                and len(items) and (r.subset is None or set(items) <= set(r.subset))]
         m, lo, hi = random_interval(rand)
         sel_mean = float(sel.mean()) if sel.size else math.nan
         if binary:

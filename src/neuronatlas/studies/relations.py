@@ -46,7 +46,7 @@ from neuronatlas.studies.framework import (
 )
 
 __all__ = ["RelationStudyConfig", "RelationStudy", "run_relation_study", "concept_name", "load_facts",
-           "facts_languages", "SPLIT_NAMES", "HEADLINE"]
+           "facts_languages", "SPLIT_NAMES", "HEADLINE", "interference_candidate"]
 
 HEADLINE = "exact"   # a fact counts as recalled when greedy decoding yields the whole object
 
@@ -72,6 +72,7 @@ class RelationStudyConfig(StudyConfig):
     grid: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1.0)
     min_known: int = 5                           # relations with fewer known test facts are not evaluated
     batch_size: int = 8                          # facts per pass (x up to 8 arms: 64 rows on a CPU)
+    neuron_stats: bool = False                   # also keep the viewer's histograms (makes the record ~1.8x slower)
 
     def __post_init__(self) -> None:
         if not self.grid or any(not 0 < g <= 1 for g in self.grid) or list(self.grid) != sorted(set(self.grid)):
@@ -225,7 +226,8 @@ class RelationStudy(Study[RelationStudyConfig]):
         facts_of = [r["fact_id"] for r in ident]
         with ctx.phase("record"):
             rec = record(lm, prompts, ctx.store, name="relations",
-                         config=RecordConfig(component=Component(cfg.site), pool=cfg.pool, batch_size=32, top_k=10),
+                         config=RecordConfig(component=Component(cfg.site), pool=cfg.pool, batch_size=32, top_k=10,
+                                             neuron_stats=cfg.neuron_stats),
                          progress=lambda done, total: ctx.tick("record", done, total))
         assert rec.pooled is not None
         L, N = lm.n_layers, lm.n_neurons
@@ -289,9 +291,17 @@ class RelationStudy(Study[RelationStudyConfig]):
         rels = [r for r in sorted(known) if len(known[r]) >= cfg.min_known and r in sel.ranked]
         ctx.data.update(known=known, evaluated=rels)
         stage = Grid(ctx)
+
+        def with_random(key: str, ns: NeuronSet, make: Any, r: str, tag: str) -> None:
+            # the selected arm on all held-out facts (specificity, all-facts columns); its matched random
+            # sets on the known facts only, where the test against them is made
+            stage.selected(key, ns, make, r, concept=r, random=False)
+            for arm in stage.random_arms(key, ns, make, r, random_tag=tag, concept=r, subset=known[r]):
+                stage.add(arm)
+
         for r in rels:
             make = self._make(ctx, r)
-            stage.selected(f"deact:{r}@{r}", sel.neurons(r), make, r, concept=r, random_tag=f"{r}:full")
+            with_random(f"deact:{r}@{r}", sel.neurons(r), make, r, f"{r}:full")
             for r2 in rels:
                 if r2 != r:
                     stage.selected(f"deact:{r}@{r2}", sel.neurons(r), make, r2, concept=r, random=False)
@@ -299,8 +309,7 @@ class RelationStudy(Study[RelationStudyConfig]):
             for frac in cfg.grid:
                 n = max(1, math.ceil(frac * size))
                 if n < size:
-                    stage.selected(f"cum:{r}:{frac}", sel.top(r, n), make, r, concept=r, subset=known[r],
-                                   random_tag=f"{r}:{frac}")
+                    with_random(f"cum:{r}:{frac}", sel.top(r, n), make, r, f"{r}:{frac}")
             for other in sel.concepts:
                 if other.startswith(f"{r}@"):
                     stage.selected(f"deact:{other}@{r}", sel.neurons(other), self._make(ctx, other), r,
@@ -308,13 +317,14 @@ class RelationStudy(Study[RelationStudyConfig]):
         arms = list(stage)
         if any(a.key not in measured.values for a in arms):
             return arms
-        # interference: matched random sets only for the pairs that gain accuracy (a pair that does not
-        # gain cannot be interference); the same random sets as on the relation's own facts
+        # interference: matched random sets only for the pairs that gain accuracy with a one-sided McNemar
+        # p < alpha before correction; BH only raises p, so no other pair can be called interference
+        # (the rule of studies.rules.interference). The same random sets as on the relation's own facts.
         extra: list[Arm] = []
         for r in rels:
             for r2 in rels:
                 key = f"deact:{r}@{r2}"
-                if r2 != r and measured.mean(key, HEADLINE) > measured.mean(f"baseline|{r2}", HEADLINE):
+                if r2 != r and interference_candidate(measured, key, f"baseline|{r2}", cfg.alpha):
                     extra += grid.random_arms(key, sel.neurons(r), self._make(ctx, r), r2, random_tag=f"{r}:full",
                                               concept=r)
         return extra
@@ -346,6 +356,13 @@ def run_relation_study(lm: LoadedModel, out_dir: str | Path, config: RelationStu
                        progress: ProgressFn | None = None) -> StudyResult:
     """``run(lm, config, out_dir, facts=facts)``: kept for callers of the earlier script."""
     return run(lm, config, out_dir, atlas=atlas, progress=progress, facts=facts)
+
+
+def interference_candidate(measured: Measured, key: str, baseline: str, alpha: float) -> bool:
+    """Whether arm ``key`` raises recall over ``baseline`` with an uncorrected one-sided exact McNemar
+    p < ``alpha``: the pairs that can still pass the interference rule and so get random sets."""
+    c = measured.compare(key, HEADLINE, baseline=baseline, alternative="greater")
+    return c.delta > 0 and c.p_vs_unmodified < alpha
 
 
 def _median_positive(rec: Any, selection: Selection) -> dict[str, dict[tuple[int, int], float]]:

@@ -54,29 +54,32 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
     own_all = {r: m.compare(f"deact:{r}@{r}", H, baseline=base[r], alternative="less") for r in rels}
 
     # cumulativity: the dose-response grid on known facts
+    # (the selected arms also ran on all held-out facts: a second trend, without random curves)
     cumulativity: dict[str, list[dict[str, Any]]] = {}
     trends: dict[str, dict[str, Any]] = {}
+    trends_all: dict[str, dict[str, Any]] = {}
     for r in rels:
-        size, rows, per_item = len(sel.ranked[r]), [], []
+        size, rows, per_item, per_item_all = len(sel.ranked[r]), [], [], []
         rand_curves: list[list[float]] = [[] for _ in range(cfg.n_random)]
         for frac in cfg.grid:
             n = max(1, math.ceil(frac * size))
             key = f"cum:{r}:{frac}" if n < size else f"deact:{r}@{r}"
             c = m.compare(key, H, baseline=base[r], subset=known[r], alternative="less")
             per_item.append(m.on(key, H, known[r]))
+            per_item_all.append(m.get(key, H))
             for s, arm in enumerate(grid.randoms(key)):
                 rand_curves[s].append(float(m.on(arm.key, H, known[r]).mean()))
             rows.append({"fraction": frac, "n_neurons": n, "acc_selected": c.selected, "acc_random": c.random_mean,
                          "acc_random_lo": c.random_lo, "acc_random_hi": c.random_hi, "p_vs_random": c.p_vs_random,
-                         "p_vs_unmodified": c.p_vs_unmodified,
+                         "p_vs_unmodified": c.p_vs_unmodified, "acc_selected_all": m.mean(key, H),
                          "delta_logprob": float((m.on(key, "logprob", known[r]) -
                                                  m.on(base[r], "logprob", known[r])).mean())})
         cumulativity[r] = rows
         dr = dose_response(cfg.grid, [row["acc_selected"] for row in rows],
                            [c for c in rand_curves if len(c) == len(rows)], per_item=np.stack(per_item), seed=cfg.seed)
-        trends[r] = {"slope": dr.slope, "spearman": dr.spearman, "p_trend": dr.p_trend,
-                     "p_slope_vs_random": dr.p_vs_random, "monotone": dr.monotone,
-                     "rising_steps": [cfg.grid[k + 1] for k in dr.rising_steps]}
+        trends[r] = _trend_json(dr, cfg.grid)
+        trends_all[r] = _trend_json(dose_response(cfg.grid, [row["acc_selected_all"] for row in rows],
+                                                  per_item=np.stack(per_item_all), seed=cfg.seed), cfg.grid)
 
     # cross-deactivation and interference, against the unmodified model (paired on facts)
     n = len(rels)
@@ -135,6 +138,8 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
     if trends:
         f.append(rules.dose_response_finding("cumulativity", "Cumulativity", trends, alpha=alpha,
                                              on="recall of known facts"))
+        f.append(rules.dose_response_finding("cumulativity_all", "Cumulativity, all held-out facts", trends_all,
+                                             alpha=alpha, on="recall of all held-out facts"))
     if spec_rows:
         holds = bool(math.isfinite(spec_p) and spec_p < alpha)
         f.append(Finding(
@@ -198,21 +203,24 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
               "yes" if v["evaluated"] else "no", first.get(r, "")] for r, v in bt.items()], concept_columns=["relation"])]),
         Section("Deactivating a relation's neurons", "own_effect", tables=[Table(
             ["relation", "known facts", "recall selected", "random mean", "random 2.5%", "random 97.5%", "p vs random",
-             "p vs unmodified (McNemar)", "recall, all facts", "random, all facts"],
+             "p vs unmodified (McNemar)", "recall, all facts", "p vs unmodified, all facts"],
             [[r, c.n_items, c.selected, c.random_mean, c.random_lo, c.random_hi, c.p_vs_random, c.p_vs_unmodified,
-              own_all[r].selected, own_all[r].random_mean] for r, c in own.items()],
-            caption="random columns: the distribution of the matched random sets, not a CI", concept_columns=["relation"])]),
+              own_all[r].selected, own_all[r].p_vs_unmodified] for r, c in own.items()],
+            caption="random columns: the distribution of the matched random sets (measured on the known facts), "
+                    "not a CI", concept_columns=["relation"])]),
         Section("Cumulativity", "cumulativity", figures=cum_figs, tables=[
             Table(["relation", "% deactivated", "neurons", "recall selected", "random mean", "random 2.5%",
-                   "random 97.5%", "p vs random", "p vs unmodified", "Δ log p"],
+                   "random 97.5%", "p vs random", "p vs unmodified", "Δ log p", "recall selected, all facts"],
                   [[r, 100 * row["fraction"], row["n_neurons"], row["acc_selected"], row["acc_random"],
                     row["acc_random_lo"], row["acc_random_hi"], row["p_vs_random"], row["p_vs_unmodified"],
-                    row["delta_logprob"]] for r, rows in cumulativity.items() for row in rows],
-                  concept_columns=["relation"]),
-            Table(["relation", "slope", "Spearman", "p (trend)", "p (slope vs random)", "monotone", "rising steps"],
-                  [[r, t["slope"], t["spearman"], t["p_trend"], t["p_slope_vs_random"], "yes" if t["monotone"] else "no",
-                    ", ".join(map(str, t["rising_steps"])) or "–"] for r, t in trends.items()],
-                  concept_columns=["relation"])]),
+                    row["delta_logprob"], row["acc_selected_all"]] for r, rows in cumulativity.items() for row in rows],
+                  caption="recall of known facts unless stated", concept_columns=["relation"]),
+            Table(["relation", "facts", "slope", "Spearman", "p (trend)", "p (slope vs random)", "monotone",
+                   "rising steps"],
+                  [[r, which, t["slope"], t["spearman"], t["p_trend"], t["p_slope_vs_random"],
+                    "yes" if t["monotone"] else "no", ", ".join(map(str, t["rising_steps"])) or "–"]
+                   for which, tr in (("known", trends), ("all", trends_all)) for r, t in tr.items()],
+                  caption="random curves are measured on the known facts only", concept_columns=["relation"])]),
         Section("Specificity: cross-deactivation", "specificity", figures=["cross_deactivation.png"] if rels else [],
                 tables=[Table(["deactivated \\ evaluated", *rels], [[r, *row] for r, row in zip(rels, cross.tolist())],
                               caption="recall change on all held-out facts", concept_columns=["deactivated \\ evaluated"])]),
@@ -222,7 +230,8 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
             [[d["deactivated"], d["evaluated"], d["delta_acc"], d["p_mcnemar"], d["p_logprob"], d["delta_acc_random"],
               d["p_vs_random"], "yes" if d["interference"] else "no"]
              for d in sorted(pairs, key=lambda d: (not d["interference"], d["p_mcnemar"]))],
-            caption="every tested pair, significant or not; random sets are evaluated for the pairs that gain",
+            caption="every tested pair, significant or not; random sets are evaluated only for the pairs that gain "
+                    f"with an uncorrected McNemar p < {alpha} (no other pair can pass the rule)",
             concept_columns=["deactivated", "evaluated"])]),
         Section("Versatility", "overlap", figures=["overlap.png"], tables=[
             Table(["set A", "set B", "Jaccard", "hypergeometric p", "beyond chance (BH)"],
@@ -255,11 +264,17 @@ def _outcome(ctx: Context[Any], sel: Selection, grid: Grid, m: Measured) -> Outc
                "n_selected": ctx.data["n_select"], "n_neurons_total": total, "n_layers": L,
                "baseline_table": baseline_table, "own_effect": {r: c.to_json() for r, c in own.items()},
                "own_effect_all_facts": {r: c.to_json() for r, c in own_all.items()},
-               "cumulativity": cumulativity, "trend": trends, "interference_pairs": pairs,
+               "cumulativity": cumulativity, "trend": trends, "trend_all_facts": trends_all,
+               "interference_pairs": pairs,
                "cross_deactivation": {"relations": rels, "delta_acc_all": cross.tolist()},
                "overlap": {"concepts": concepts, "jaccard": overlap.tolist()}, "cross_lingual": crossling,
                "layers": layers, "scorer_comparison": agreement}
     return Outcome(f, sections, numbers, setup, figures)
+
+
+def _trend_json(dr: Any, grid: Any) -> dict[str, Any]:
+    return {"slope": dr.slope, "spearman": dr.spearman, "p_trend": dr.p_trend, "p_slope_vs_random": dr.p_vs_random,
+            "monotone": dr.monotone, "rising_steps": [grid[k + 1] for k in dr.rising_steps]}
 
 
 def _wilcoxon_less(diffs: list[float]) -> float:

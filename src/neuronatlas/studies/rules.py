@@ -82,10 +82,12 @@ def dose_response_finding(key: str, title: str, trends: Mapping[str, Mapping[str
     falling = [c for c in names if _fin(trends[c].get("p_trend")) < alpha and _fin(trends[c].get("slope")) < 0]
     steeper = [c for c in names if _fin(trends[c].get("p_slope_vs_random")) <= alpha]
     mono = [c for c in falling if trends[c].get("monotone")]
+    with_random = any(math.isfinite(_fin(trends[c].get("p_slope_vs_random"))) for c in names)
     text = (f"Over the whole grid of deactivated shares, {on} falls with the dose for {len(falling)} of {len(names)} "
-            f"(permutation test of the slope, p < {alpha}); the fall is steeper than every matched random curve's "
-            f"(empirical p <= {alpha}) for {len(steeper)}; {len(mono)} of the falling curves have no step that rises "
-            f"beyond noise and are called monotone.")
+            f"(permutation test of the slope, p < {alpha}); "
+            + (f"the fall is steeper than every matched random curve's (empirical p <= {alpha}) for {len(steeper)}; "
+               if with_random else "no random curves were measured here; ")
+            + f"{len(mono)} of the falling curves have no step that rises beyond noise and are called monotone.")
     return Finding(key, title, text,
                    rule=f"falling: slope < 0 and permutation p < {alpha}; steeper: empirical p of the slope among the "
                         f"random curves <= {alpha}; monotone: falling and no step's bootstrap interval above 0; holds "
