@@ -26,7 +26,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/neuronatlas study relations --model default --out $(OUT)/relations
-	# decode every neuron into the study's atlas (< 1 min) so each neuron page shows its logits
+	# decode every neuron into the study's atlas (~2.5 min on 2 cores) so each neuron page shows its logits
 	$(VENV)/bin/neuronatlas decode --model default --out $(OUT)/relations/atlas
 
 test: $(STAMP)
