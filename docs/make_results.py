@@ -19,6 +19,7 @@ from typing import Any
 CLAIMS_RELATIONS = [
     ("Deactivating a relation's neurons removes its facts, more than random neurons do", "own_effect"),
     ("Cumulativity: a larger share deactivated removes more facts (dose-response)", "cumulativity"),
+    ("The same, on all held-out facts (not only the known ones)", "cumulativity_all"),
     ("The effect is specific to the relation (own facts drop more than other relations')", "specificity"),
     ("Interference: deactivating one relation's neurons can improve another relation", "interference"),
     ("Versatility: neuron sets of different relations/languages overlap", "overlap"),
