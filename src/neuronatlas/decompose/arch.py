@@ -116,9 +116,9 @@ class DecompArch:
         return _llama_parts(self.lm, layer)
 
 
-def _llama_parts(lm: LoadedModel, layer: nn.Module) -> LayerParts:
+def _llama_parts(lm: LoadedModel, layer: Any) -> LayerParts:
     spec = lm.spec
-    attn = get_module(layer, "self_attn")
+    attn: Any = get_module(layer, "self_attn")
     cfg = lm.config
     n_heads = int(cfg.num_attention_heads)
     head_dim = int(getattr(attn, "head_dim", None) or cfg.hidden_size // n_heads)
@@ -155,7 +155,7 @@ def _llama_parts(lm: LoadedModel, layer: nn.Module) -> LayerParts:
     )
 
 
-def _gpt2_parts(layer: nn.Module, cfg: Any) -> LayerParts:
+def _gpt2_parts(layer: Any, cfg: Any) -> LayerParts:
     d = int(cfg.n_embd)
     n_heads = int(cfg.n_head)
     attn, mlp = layer.attn, layer.mlp

@@ -99,7 +99,7 @@ def component_source(lm: LoadedModel, name: str) -> Source:
     if kind == "head":
         return Source(heads=((layer, index),))
     if kind == "mlp":
-        return Source(neurons=tuple((layer, j) for j in range(lm.n_neurons)))
+        return Source(mlps=(layer,))
     return Source(neurons=((layer, index),))
 
 
@@ -124,11 +124,13 @@ def sources_for(lm: LoadedModel, names: Sequence[str]) -> Source:
     """One source made of several components (a circuit)."""
     heads: list[tuple[int, int]] = []
     neurons: list[tuple[int, int]] = []
+    mlps: list[int] = []
     for name in names:
         src = component_source(lm, name)
         heads.extend(src.heads)
         neurons.extend(src.neurons)
-    return Source(heads=tuple(heads), neurons=tuple(neurons))
+        mlps.extend(src.mlps)
+    return Source(heads=tuple(heads), neurons=tuple(neurons), mlps=tuple(mlps))
 
 
 def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, heads: bool = True,

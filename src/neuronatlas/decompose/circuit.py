@@ -135,21 +135,35 @@ def discover_circuit(lm: LoadedModel, facts: Sequence[Fact], *, share: float = 0
     scores = {n: s / len(facts) for n, s in sums.items()}
     ranked = sorted((n for n in names if scores[n] > 0), key=lambda n: -scores[n])
     ranked = ranked[:max_size] if max_size else ranked
-    # every prefix of the ranking is one source; all prefixes of one fact run as one batch
-    prefix_sources = [sources_for(lm, ranked[:k]) for k in range(1, len(ranked) + 1)]
-    carried = torch.zeros(len(ranked))
-    for tr, tg in zip(traces, targets):
-        rel, _ = run_sources(lm, tr, prefix_sources, tg, batch=64)
-        carried += rel
     denom = float(totals.sum())
-    shares = (carried / denom).tolist() if denom else [0.0] * len(ranked)
-    curve = [(k + 1, s) for k, s in enumerate(shares)]
+
+    def shares_of(sizes: list[int]) -> list[tuple[int, float]]:
+        """The share carried by each prefix size; every prefix is one source, one batch per fact."""
+        if not sizes:
+            return []
+        carried = torch.zeros(len(sizes))
+        prefixes = [sources_for(lm, ranked[:k]) for k in sizes]
+        for tr, tg in zip(traces, targets):
+            rel, _ = run_sources(lm, tr, prefixes, tg, batch=64)
+            carried += rel
+        return [(k, float(c) / denom if denom else 0.0) for k, c in zip(sizes, carried)]
+
+    # a coarse grid of prefix sizes (1..10, then +15% steps), then every size inside the first gap
+    # that reaches the share, so the circuit is the smallest prefix that does
+    grid = sorted({k for k in range(1, 11)} | {int(round(10 * 1.15 ** i)) for i in range(1, 60)})
+    grid = [k for k in grid if k < len(ranked)] + ([len(ranked)] if ranked else [])
+    curve = shares_of(grid)
     hit = next((k for k, s in curve if s >= share), None)
+    if hit is not None:
+        below = max((k for k, _ in curve if k < hit), default=0)
+        curve = sorted(curve + shares_of(list(range(below + 1, hit))))
+        hit = next(k for k, s in curve if s >= share)
     reached = hit is not None
     size = hit if hit is not None else (max(curve, key=lambda c: c[1])[0] if curve else 0)
+    shares = dict(curve)
     result = CircuitResult(
         components=ranked[:size], scores=scores, share=share,
-        explained_share=shares[size - 1] if size else 0.0, reached=reached, curve=curve,
+        explained_share=shares[size] if size else 0.0, reached=reached, curve=curve,
         clean_logit_diff=float(totals.mean()),
         facts=[{"text": f.text, "object": f.object, "foil": f.foil_object} for f in facts], ablation=ablation)
     if n_random > 0:

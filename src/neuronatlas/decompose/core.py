@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -39,28 +40,44 @@ __all__ = ["Source", "Trace", "Propagation", "LogitTarget", "NeuronTarget", "Tar
 @dataclass(frozen=True)
 class Source:
     """What is relevant: input ``tokens`` (positions), MLP ``neurons`` and attention ``heads``
-    as (layer, index) pairs; ``positions`` limits neurons and heads to those positions (None: all)."""
+    as (layer, index) pairs, whole MLP blocks (``mlps``: layers); ``positions`` limits neurons,
+    heads and blocks to those positions (None: all)."""
 
     tokens: tuple[int, ...] = ()
     neurons: tuple[tuple[int, int], ...] = ()
     heads: tuple[tuple[int, int], ...] = ()
+    mlps: tuple[int, ...] = ()
     positions: tuple[int, ...] | None = None
 
     @property
     def empty(self) -> bool:
-        return not (self.tokens or self.neurons or self.heads)
+        return not (self.tokens or self.neurons or self.heads or self.mlps)
 
     def first_layer(self, n_layers: int) -> int:
         if self.tokens:
             return 0
-        layers = [layer for layer, _ in (*self.neurons, *self.heads)]
+        layers = [layer for layer, _ in (*self.neurons, *self.heads)] + list(self.mlps)
         return min(layers) if layers else n_layers
+
+    @cached_property
+    def by_layer(self) -> dict[str, dict[int, list[int]]]:
+        """kind ("neurons", "heads") -> layer -> indices (-1: every neuron of a whole block)."""
+        out: dict[str, dict[int, list[int]]] = {"neurons": {}, "heads": {}}
+        for kind, pairs in (("neurons", self.neurons), ("heads", self.heads)):
+            for layer, index in pairs:
+                out[kind].setdefault(layer, []).append(index)
+        for layer in self.mlps:
+            out["neurons"][layer] = [-1]
+        return out
 
     def validate(self, n_tokens: int, n_layers: int, n_neurons: int, n_heads: int) -> "Source":
         for t in (*self.tokens, *(self.positions or ())):
             if not -n_tokens <= t < n_tokens:
                 raise SelectionError(f"token position {t} is outside the prompt's {n_tokens} tokens; "
                                      f"use 0-{n_tokens - 1}")
+        for layer in self.mlps:
+            if not 0 <= layer < n_layers:
+                raise SelectionError(f"MLP block L{layer}.mlp is outside the model (layers 0-{n_layers - 1})")
         for what, pairs, width in (("neuron", self.neurons, n_neurons), ("head", self.heads, n_heads)):
             for layer, index in pairs:
                 if not (0 <= layer < n_layers and 0 <= index < width):
@@ -144,7 +161,7 @@ def split_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.stack((a[0] * b[0] + a[0] * b[1] + a[1] * b[0], irrel))
 
 
-def _split_rms(x: torch.Tensor, norm: nn.Module, offset: float) -> torch.Tensor:
+def _split_rms(x: torch.Tensor, norm: Any, offset: float) -> torch.Tensor:
     """RMSNorm with the total's scale: each part times ``rsqrt(mean(total^2) + eps) * (w + offset)``."""
     total = x[0] + x[1]
     eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
@@ -153,7 +170,7 @@ def _split_rms(x: torch.Tensor, norm: nn.Module, offset: float) -> torch.Tensor:
     return x * scale * (weight.float() + offset)
 
 
-def _split_layernorm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+def _split_layernorm(x: torch.Tensor, norm: Any) -> torch.Tensor:
     """LayerNorm with the total's standard deviation: each part centred by its own mean, divided by
     the total's std, times the weight; the bias split in proportion to the parts' magnitudes."""
     total = x[0] + x[1]
@@ -247,14 +264,16 @@ def _masks(sources: Sequence[Source], kind: str, layer: int, width: int, T: int,
     """(sources, T, width) 0/1 mask of the neurons or heads of ``layer`` that are sources."""
     mask: torch.Tensor | None = None
     for b, src in enumerate(sources):
-        pairs = src.neurons if kind == "neurons" else src.heads
-        idx = [i for l_, i in pairs if l_ == layer]
+        idx = src.by_layer[kind].get(layer)
         if not idx:
             continue
         if mask is None:
             mask = torch.zeros(len(sources), T, width, device=device)
-        pos = list(range(T)) if src.positions is None else [p % T for p in src.positions]
-        mask[b, torch.tensor(pos)[:, None], torch.tensor(idx)[None, :]] = 1.0
+        pos = torch.arange(T) if src.positions is None else torch.tensor([p % T for p in src.positions])
+        if idx == [-1]:
+            mask[b, pos] = 1.0
+        else:
+            mask[b, pos[:, None], torch.tensor(idx)[None, :]] = 1.0
     return mask
 
 
@@ -274,7 +293,7 @@ def _attention(x: torch.Tensor, parts: LayerParts, probs: torch.Tensor, head_mas
 def _mlp(x: torch.Tensor, parts: LayerParts, neuron_mask: torch.Tensor | None,
          stop_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the MLP output and its hidden activation h (2, B, T, n_neurons)."""
-    if parts.gated:
+    if parts.gate_weight is not None:
         gate = split_linear(x, parts.gate_weight, parts.gate_bias)
         up = split_linear(x, parts.up_weight, parts.up_bias)
         h = split_product(split_act(gate, parts.act), up)
