@@ -216,7 +216,8 @@ def test_circuit_loop_on_a_tiny_model():
     total = 0.0
     for f in facts:
         tr = trace_ids(lm, torch.tensor(lm.tokenizer(f.text)["input_ids"]))
-        out = propagate(lm, tr, [sources_for(lm, res.components)], target=LogitTarget(f.target, f.foil))
+        out = propagate(lm, tr, [sources_for(lm, res.components, tuple(range(1, tr.n_tokens)))],
+                        target=LogitTarget(f.target, f.foil))
         carried += float(out.rel[0])
         total += float(tr.logits[-1, f.target] - tr.logits[-1, f.foil])
     assert abs(res.explained_share - carried / total) < 1e-5
@@ -328,3 +329,7 @@ def test_embedded_model_invariant():
     assert all(abs(float(r + i) - logit) < 1e-3 for r, i in zip(out.rel, out.irrel))
     whole = propagate(lm, tr, [Source(tokens=tuple(range(T)))], target=target)
     assert abs(float(whole.rel[0]) - logit) < 1e-3 and float(whole.irrel[0]) == 0.0
+    # the first token is the attention sink: alone as the source its parts cancel, and are flagged
+    tokens = token_attribution(lm, tr, target)
+    assert tokens.total == pytest.approx(logit) and tokens.stable == [False] + [True] * (T - 1)
+    assert tokens.interaction is None and 0 < sum(tokens.rel[1:]) < 2 * logit

@@ -73,12 +73,16 @@ def decompose_cmd(
             tokens.add_row(str(t["position"]), repr(t["token"]), f"{t['rel']:+.4g}" if t["stable"] else "unstable",
                            f"{t['share']:+.3f}" if t["stable"] else "–")
         console.print(tokens)
-        console.print(f"interaction (total - sum of token parts): {d['interaction']:+.4g}")
+        inter = d["interaction"]
+        console.print("interaction (total - sum of token parts): "
+                      + ("n/a (a token's parts cancel)" if inter is None else f"{inter:+.4g}"))
         comps = Table("component", "rel", "share", title=f"top {len(d['components'])} components "
                       f"(heads, MLP blocks, neurons of layers {d['neuron_layers']})")
         for c in d["components"]:
             comps.add_row(c["name"], f"{c['rel']:+.4g}", f"{c['share']:+.3f}")
         console.print(comps)
+        if d["unstable_components"]:
+            console.print(f"left out, rel and irrel cancel (docs/decompose.md): {', '.join(d['unstable_components'])}")
         console.print(f"HTML view: {d['html']}")
 
     emit(result, as_json, render)

@@ -32,7 +32,8 @@ def _token(lm: LoadedModel, text: str, what: str) -> int:
 def decompose_prompt(lm: LoadedModel, prompt: str, target: str, *, foil: str | None = None, top: int = 20,
                      neuron_layers: Sequence[int] | None = None, components: bool = True) -> dict[str, Any]:
     """Token attributions and the ``top`` components (heads, MLP blocks, and the neurons of
-    ``neuron_layers``; None: the MLP block with the largest contribution) for the target's first token."""
+    ``neuron_layers``; None: the MLP block with the largest contribution) for the target's first token.
+    Components whose parts cancel (unstable) are listed apart, not ranked."""
     if not prompt.strip():
         raise SelectionError("the prompt is empty; pass --prompt 'some text'")
     tgt = LogitTarget(_token(lm, target, "target"), None if foil is None else _token(lm, foil, "foil"))
@@ -40,22 +41,24 @@ def decompose_prompt(lm: LoadedModel, prompt: str, target: str, *, foil: str | N
     tokens = token_attribution(lm, trace, tgt)
     total = tokens.total
     comps: list[dict[str, Any]] = []
+    unstable: list[str] = []
     layers: list[int] = []
     if components:
         scores = component_attribution(lm, trace, tgt)
         if neuron_layers is None:
-            mlps = [s for s in scores if s.kind == "mlp"]
+            mlps = [s for s in scores if s.kind == "mlp" and s.stable]
             layers = [max(mlps, key=lambda s: abs(s.rel)).layer] if mlps else []
         else:
             layers = list(neuron_layers)
         if layers:
             scores += [s for s in component_attribution(lm, trace, tgt, heads=False, mlps=False, neuron_layers=layers)]
-        scores.sort(key=lambda s: -abs(s.rel))
+        unstable = [s.name for s in scores if not s.stable]
+        scores = sorted((s for s in scores if s.stable), key=lambda s: -abs(s.rel))
         comps = [{"name": s.name, "kind": s.kind, "layer": s.layer, "index": s.index, "rel": s.rel,
                   "share": s.rel / total if total else 0.0, "stable": s.stable} for s in scores[:top]]
     return {
         "model": lm.name, "prompt": prompt, "target": target, "foil": foil, "target_token": tgt.token,
-        "total": total, "interaction": tokens.interaction, "neuron_layers": layers,
+        "total": total, "interaction": tokens.interaction, "neuron_layers": layers, "unstable_components": unstable,
         "tokens": [{"position": i, "token": t, "rel": r, "irrel": ir, "share": r / total if total else 0.0,
                     "stable": s} for i, (t, r, ir, s) in enumerate(zip(tokens.tokens, tokens.rel, tokens.irrel, tokens.stable))],
         "components": comps,

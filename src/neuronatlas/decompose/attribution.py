@@ -30,7 +30,7 @@ from neuronatlas.ids import NeuronId
 from neuronatlas.models.loading import LoadedModel
 
 __all__ = ["TokenAttribution", "ComponentScore", "token_attribution", "component_attribution",
-           "component_source", "parse_component", "UNSTABLE_RATIO"]
+           "component_source", "parse_component", "sources_for", "after_first", "run_sources", "UNSTABLE_RATIO"]
 
 # |rel| + |irrel| above this multiple of |total| marks a decomposition whose parts cancel (docs/decompose.md)
 UNSTABLE_RATIO = 100.0
@@ -48,9 +48,9 @@ class TokenAttribution:
     stable: list[bool]
 
     @property
-    def interaction(self) -> float:
-        """What the single-token parts leave unexplained: ``total - sum(rel)``."""
-        return self.total - sum(self.rel)
+    def interaction(self) -> float | None:
+        """What the single-token parts leave unexplained, ``total - sum(rel)`` (None when a part is unstable)."""
+        return self.total - sum(self.rel) if all(self.stable) else None
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,12 @@ class ComponentScore:
     index: int         # head or neuron index; -1 for a whole MLP block
     rel: float
     stable: bool
+
+
+def target_value(trace: Trace, target: LogitTarget) -> float:
+    """The target's value in the clean forward (logit, or logit difference with a foil)."""
+    logits = trace.logits[target.position]
+    return float(logits[target.token] - (logits[target.foil] if target.foil is not None else 0.0))
 
 
 def _stable(rel: float, irrel: float, total: float) -> bool:
@@ -87,20 +93,25 @@ def run_sources(lm: LoadedModel, trace: Trace, sources: list[Source], target: Ta
 def token_attribution(lm: LoadedModel, trace: Trace, target: LogitTarget) -> TokenAttribution:
     T = trace.n_tokens
     rel, irrel = run_sources(lm, trace, [Source(tokens=(t,)) for t in range(T)], target)
-    total = float(rel[0] + irrel[0])
+    total = target_value(trace, target)
     tokens = lm.tokenizer.convert_ids_to_tokens(trace.input_ids.tolist())
     r, i = rel.tolist(), irrel.tolist()
     return TokenAttribution(tokens=[str(t) for t in tokens], rel=r, irrel=i, total=total,
                             stable=[_stable(a, b, total) for a, b in zip(r, i)])
 
 
-def component_source(lm: LoadedModel, name: str) -> Source:
+def component_source(lm: LoadedModel, name: str, positions: tuple[int, ...] | None = None) -> Source:
     kind, layer, index = parse_component(name)
     if kind == "head":
-        return Source(heads=((layer, index),))
+        return Source(heads=((layer, index),), positions=positions)
     if kind == "mlp":
-        return Source(mlps=(layer,))
-    return Source(neurons=((layer, index),))
+        return Source(mlps=(layer,), positions=positions)
+    return Source(neurons=((layer, index),), positions=positions)
+
+
+def after_first(n_tokens: int) -> tuple[int, ...] | None:
+    """Every position but the first (None, i.e. all, for a one-token prompt); see ``first_position``."""
+    return tuple(range(1, n_tokens)) if n_tokens > 1 else None
 
 
 def parse_component(name: str) -> tuple[str, int, int]:
@@ -120,8 +131,8 @@ def parse_component(name: str) -> tuple[str, int, int]:
     return "neuron", nid.layer, nid.index
 
 
-def sources_for(lm: LoadedModel, names: Sequence[str]) -> Source:
-    """One source made of several components (a circuit)."""
+def sources_for(lm: LoadedModel, names: Sequence[str], positions: tuple[int, ...] | None = None) -> Source:
+    """One source made of several components (a circuit), at ``positions`` (None: all)."""
     heads: list[tuple[int, int]] = []
     neurons: list[tuple[int, int]] = []
     mlps: list[int] = []
@@ -130,15 +141,20 @@ def sources_for(lm: LoadedModel, names: Sequence[str]) -> Source:
         heads.extend(src.heads)
         neurons.extend(src.neurons)
         mlps.extend(src.mlps)
-    return Source(heads=tuple(heads), neurons=tuple(neurons), mlps=tuple(mlps))
+    return Source(heads=tuple(heads), neurons=tuple(neurons), mlps=tuple(mlps), positions=positions)
 
 
 def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, heads: bool = True,
                           mlps: bool = True, neuron_layers: Sequence[int] = (), batch: int = 128,
-                          max_layer: int | None = None) -> list[ComponentScore]:
+                          max_layer: int | None = None, first_position: bool = False) -> list[ComponentScore]:
     """Every head and MLP block (and every neuron of ``neuron_layers``) as a source on its own,
     sorted by rel, largest first. ``max_layer`` limits components to layers < it (for a
-    downstream-neuron target, components at or after its layer cannot reach it)."""
+    downstream-neuron target, components at or after its layer cannot reach it).
+
+    By default a component is a source at every position but the first: the first position sees
+    only the first token (the same for every prompt that starts alike) and is the model's attention
+    sink, and taking its activations out of irrel sends irrel off the model's distribution (the
+    parts then cancel at ~1e6x the total; docs/decompose.md). ``first_position=True`` includes it."""
     arch = decomp_arch(lm)
     n_layers = lm.n_layers if max_layer is None else max_layer
     names: list[tuple[str, str, int, int]] = []
@@ -150,7 +166,8 @@ def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, head
         if not 0 <= layer < n_layers:
             raise SelectionError(f"neuron layer {layer} is out of range; use 0-{n_layers - 1}")
         names += [(str(NeuronId(layer, j)), "neuron", layer, j) for j in range(lm.n_neurons)]
-    sources = [component_source(lm, n) for n, _, _, _ in names]
+    positions = None if first_position else after_first(trace.n_tokens)
+    sources = [component_source(lm, n, positions) for n, _, _, _ in names]
     # sources of one layer share a start layer: group them so each batch starts as late as it can
     order = sorted(range(len(sources)), key=lambda i: names[i][2])
     rel = torch.zeros(len(sources))
@@ -159,7 +176,8 @@ def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, head
         idx = [i for i in order if names[i][2] == layer]
         r, ir = run_sources(lm, trace, [sources[i] for i in idx], target, batch)
         rel[idx], irrel[idx] = r, ir
-    total = float(rel[0] + irrel[0]) if len(sources) else 0.0
+    total = target_value(trace, target) if isinstance(target, LogitTarget) else \
+        (float(rel[0] + irrel[0]) if len(sources) else 0.0)
     scores = [ComponentScore(n, k, l, i, float(rel[j]), _stable(float(rel[j]), float(irrel[j]), total))
               for j, (n, k, l, i) in enumerate(names)]
     return sorted(scores, key=lambda s: -s.rel)

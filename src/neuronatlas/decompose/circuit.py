@@ -27,7 +27,7 @@ import torch
 
 from neuronatlas.decompose.ablation import component_means, logit_diffs
 from neuronatlas.decompose.arch import decomp_arch
-from neuronatlas.decompose.attribution import component_attribution, run_sources, sources_for
+from neuronatlas.decompose.attribution import after_first, component_attribution, run_sources, sources_for
 from neuronatlas.decompose.core import LogitTarget, Source, trace_ids
 from neuronatlas.errors import DatasetError
 from neuronatlas.models.loading import LoadedModel
@@ -61,6 +61,7 @@ class CircuitResult:
     random_faithfulness: list[float] = field(default_factory=list)
     empty_faithfulness: float | None = None
     ablation: str = "mean"
+    unstable: list[str] = field(default_factory=list)   # left out of the ranking: parts cancel on some fact
 
     @property
     def random_p(self) -> float | None:
@@ -129,11 +130,15 @@ def discover_circuit(lm: LoadedModel, facts: Sequence[Fact], *, share: float = 0
     targets = [LogitTarget(f.target, f.foil) for f in facts]
     totals = torch.tensor([float(tr.logits[-1, f.target] - tr.logits[-1, f.foil]) for tr, f in zip(traces, facts)])
     sums = dict.fromkeys(names, 0.0)
+    unstable: set[str] = set()
     for tr, tg in zip(traces, targets):
         for score in component_attribution(lm, tr, tg):
             sums[score.name] += score.rel
+            if not score.stable:
+                unstable.add(score.name)
     scores = {n: s / len(facts) for n, s in sums.items()}
-    ranked = sorted((n for n in names if scores[n] > 0), key=lambda n: -scores[n])
+    # a component whose parts cancel on some fact has no meaningful rank: it is left out
+    ranked = sorted((n for n in names if scores[n] > 0 and n not in unstable), key=lambda n: -scores[n])
     ranked = ranked[:max_size] if max_size else ranked
     denom = float(totals.sum())
 
@@ -142,8 +147,8 @@ def discover_circuit(lm: LoadedModel, facts: Sequence[Fact], *, share: float = 0
         if not sizes:
             return []
         carried = torch.zeros(len(sizes))
-        prefixes = [sources_for(lm, ranked[:k]) for k in sizes]
         for tr, tg in zip(traces, targets):
+            prefixes = [sources_for(lm, ranked[:k], after_first(tr.n_tokens)) for k in sizes]
             rel, _ = run_sources(lm, tr, prefixes, tg, batch=64)
             carried += rel
         return [(k, float(c) / denom if denom else 0.0) for k, c in zip(sizes, carried)]
@@ -162,7 +167,7 @@ def discover_circuit(lm: LoadedModel, facts: Sequence[Fact], *, share: float = 0
     size = hit if hit is not None else (max(curve, key=lambda c: c[1])[0] if curve else 0)
     shares = dict(curve)
     result = CircuitResult(
-        components=ranked[:size], scores=scores, share=share,
+        components=ranked[:size], scores=scores, share=share, unstable=sorted(unstable),
         explained_share=shares[size] if size else 0.0, reached=reached, curve=curve,
         clean_logit_diff=float(totals.mean()),
         facts=[{"text": f.text, "object": f.object, "foil": f.foil_object} for f in facts], ablation=ablation)

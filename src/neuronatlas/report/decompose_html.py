@@ -116,7 +116,8 @@ def write_decompose_html(path: str | Path, result: Mapping[str, Any]) -> Path:
             f"(the target's logit{' minus the foil' if result.get('foil') else ''}). Blue tokens raise it, red "
             f"tokens lower it; hover for the number.</p>"
             f"<p>{token_spans([t['token'] for t in tok], [t['rel'] for t in tok], [t['stable'] for t in tok])}</p>"
-            f"<p class='note'>Interaction (total minus the sum of single-token parts): {result['interaction']:+.4g}.</p>"
+            f"<p class='note'>Interaction (total minus the sum of single-token parts): "
+            f"{'n/a (a token is unstable)' if result['interaction'] is None else format(result['interaction'], '+.4g')}.</p>"
             f"<h2>Tokens</h2><table><tr><th>token</th><th>rel</th><th>share</th><th></th></tr>{rows}</table>"
             f"<h2>Top components</h2><table><tr><th>component</th><th>rel</th><th>share</th></tr>{comp_rows}</table>")
     return _write(path, _page(f"Contextual decomposition: {result['prompt']}", body))
