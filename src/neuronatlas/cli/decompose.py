@@ -120,6 +120,10 @@ def circuit_cmd(
             "reached": result.reached, "faithfulness": result.faithfulness, "ablation": ablation,
             "random_faithfulness_mean": sum(rand) / len(rand) if rand else None, "random_p": result.random_p,
             "empty_faithfulness": result.empty_faithfulness, "n_facts": len(result.facts),
+            "necessity": result.necessity,
+            "random_necessity_mean": (sum(result.random_necessity) / len(result.random_necessity)
+                                      if result.random_necessity else None),
+            "unstable": result.unstable,
             "clean_logit_diff": result.clean_logit_diff}
 
     def render(d: dict[str, Any]) -> None:
@@ -133,6 +137,11 @@ def circuit_cmd(
             console.print(f"faithfulness ({ablation} ablation of everything else, {d['n_facts']} facts): "
                           f"{d['faithfulness']:.3f}; random circuits of the same size: "
                           f"{'–' if rm is None else f'{rm:.3f}'} (p={d['random_p']}); empty circuit: {d['empty_faithfulness']:.3f}")
+            rn = d["random_necessity_mean"]
+            console.print(f"necessity (the circuit alone ablated): {d['necessity']:.3f} of the logit difference kept; "
+                          f"random circuits of the same size: {'–' if rn is None else f'{rn:.3f}'}")
+        if d["unstable"]:
+            console.print(f"left out of the ranking (rel and irrel cancel on some fact): {', '.join(d['unstable'])}")
         console.print(f"registered in {d['atlas']} as study {d['study']} (neuronatlas serve {d['atlas']})")
 
     emit(data, as_json, render)

@@ -62,6 +62,8 @@ class CircuitResult:
     empty_faithfulness: float | None = None
     ablation: str = "mean"
     unstable: list[str] = field(default_factory=list)   # left out of the ranking: parts cancel on some fact
+    necessity: float | None = None                      # kept when only the circuit is ablated
+    random_necessity: list[float] = field(default_factory=list)
 
     @property
     def random_p(self) -> float | None:
@@ -178,8 +180,9 @@ def discover_circuit(lm: LoadedModel, facts: Sequence[Fact], *, share: float = 0
 
 def faithfulness(lm: LoadedModel, facts: Sequence[Fact], result: CircuitResult, *, n_random: int = 20,
                  seed: int = 0, ablation: str = "mean") -> CircuitResult:
-    """Fill ``result``'s faithfulness: the mean logit difference with everything outside the circuit
-    ablated, over the clean one; the same for ``n_random`` random circuits and for the empty circuit."""
+    """Fill ``result``'s faithfulness: the summed logit difference with everything outside the circuit
+    ablated, over the clean one; the same for ``n_random`` random circuits and for the empty circuit.
+    Also its necessity: the share kept when only the circuit is ablated (and for the random circuits)."""
     if ablation not in ("mean", "zero"):
         raise ValueError(f"unknown ablation {ablation!r}; choose 'mean' or 'zero'")
     names = all_components(lm)
@@ -188,13 +191,18 @@ def faithfulness(lm: LoadedModel, facts: Sequence[Fact], result: CircuitResult, 
     rng = random.Random(seed)
     size = len(result.components)
     circuits = [result.components] + [rng.sample(names, size) for _ in range(n_random)] + [[]]
-    rows: list[list[str]] = [[]] + [[n for n in names if n not in set(c)] for c in circuits]
+    # everything outside each circuit ablated (sufficiency), then each circuit alone ablated (necessity)
+    rows: list[list[str]] = [[]] + [[n for n in names if n not in set(c)] for c in circuits] + \
+        [list(c) for c in circuits[:-1]]
     ld = logit_diffs(lm, prompts, [f.target for f in facts], [f.foil for f in facts], rows, means=means)
     clean = float(ld[0].sum())
     kept = [float(r.sum()) / clean if clean else 0.0 for r in ld[1:]]
+    n = len(circuits)
     result.faithfulness = kept[0]
-    result.random_faithfulness = kept[1:-1]
-    result.empty_faithfulness = kept[-1]
+    result.random_faithfulness = kept[1:n - 1]
+    result.empty_faithfulness = kept[n - 1]
+    result.necessity = kept[n]
+    result.random_necessity = kept[n + 1:]
     result.ablation = ablation
     return result
 

@@ -137,6 +137,10 @@ def circuit_summary_html(circuit: Mapping[str, Any]) -> str:
         items.append(f"faithfulness ({circuit.get('ablation')} ablation of everything else): {faith:.3f}; "
                      f"random circuits of the same size: {'–' if mean_rand is None else f'{mean_rand:.3f}'} "
                      f"(n={len(rand)}, p={circuit.get('random_p')}); empty circuit: {circuit.get('empty_faithfulness'):.3f}")
+    if circuit.get("necessity") is not None:
+        rn = circuit.get("random_necessity") or []
+        items.append(f"necessity (the circuit alone ablated): {circuit['necessity']:.3f} of the logit difference kept; "
+                     f"random circuits: {sum(rn) / len(rn) if rn else float('nan'):.3f}")
     items.append(f"{len(circuit.get('facts', []))} facts; mean clean logit difference "
                  f"{circuit.get('clean_logit_diff', 0):.3f}")
     return "<ul>" + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>"
