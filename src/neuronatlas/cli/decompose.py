@@ -133,10 +133,11 @@ def circuit_cmd(
             table.add_row(c, f"{result.scores[c]:+.4g}")
         console.print(table)
         if d["faithfulness"] is not None:
-            rm = d["random_faithfulness_mean"]
+            rm = "–" if d["random_faithfulness_mean"] is None else f"{d['random_faithfulness_mean']:.3f}"
+            p = "–" if d["random_p"] is None else f"{d['random_p']:.3f}"
             console.print(f"faithfulness ({ablation} ablation of everything else, {d['n_facts']} facts): "
-                          f"{d['faithfulness']:.3f}; random circuits of the same size: "
-                          f"{'–' if rm is None else f'{rm:.3f}'} (p={d['random_p']}); empty circuit: {d['empty_faithfulness']:.3f}")
+                          f"{d['faithfulness']:.3f}; random circuits of the same size: {rm} (p={p}); "
+                          f"empty circuit: {d['empty_faithfulness']:.3f}")
             rn = d["random_necessity_mean"]
             console.print(f"necessity (the circuit alone ablated): {d['necessity']:.3f} of the logit difference kept; "
                           f"random circuits of the same size: {'–' if rn is None else f'{rn:.3f}'}")

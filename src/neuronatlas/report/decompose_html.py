@@ -108,8 +108,9 @@ def _write(path: str | Path, text: str) -> Path:
 def write_decompose_html(path: str | Path, result: Mapping[str, Any]) -> Path:
     """The ``neuronatlas decompose`` result as a page: shaded prompt, token and component tables."""
     tok = result["tokens"]
-    rows = "".join(f"<tr><td>{escape(_show(t['token']))}</td><td>{t['rel']:+.4g}</td><td>{t['share']:+.3f}</td>"
-                   f"<td>{'' if t['stable'] else 'unstable'}</td></tr>" for t in tok)
+    rows = "".join(f"<tr><td>{escape(_show(t['token']))}</td><td>{t['rel']:+.4g}</td><td>{t['share']:+.3f}</td><td></td></tr>"
+                   if t["stable"] else f"<tr><td>{escape(_show(t['token']))}</td><td>–</td><td>–</td>"
+                   "<td>unstable: rel and irrel cancel</td></tr>" for t in tok)
     comp_rows = "".join(f"<tr><td>{escape(c['name'])}</td><td>{c['rel']:+.4g}</td><td>{c['share']:+.3f}</td></tr>"
                         for c in result["components"])
     body = (f"<p>Target {escape(repr(result['target']))} at the last token; value {result['total']:+.4g} "
@@ -127,6 +128,10 @@ def write_circuit_html(path: str | Path, circuit: Mapping[str, Any]) -> Path:
     return _write(path, _page(f"Circuit: {circuit.get('name', '')}", circuit_summary_html(circuit) + circuit_svg(circuit)))
 
 
+def _p(value: Any) -> str:
+    return "–" if value is None else f"{float(value):.3f}"
+
+
 def circuit_summary_html(circuit: Mapping[str, Any]) -> str:
     rand = circuit.get("random_faithfulness") or []
     mean_rand = sum(rand) / len(rand) if rand else None
@@ -136,7 +141,7 @@ def circuit_summary_html(circuit: Mapping[str, Any]) -> str:
     if faith is not None:
         items.append(f"faithfulness ({circuit.get('ablation')} ablation of everything else): {faith:.3f}; "
                      f"random circuits of the same size: {'–' if mean_rand is None else f'{mean_rand:.3f}'} "
-                     f"(n={len(rand)}, p={circuit.get('random_p')}); empty circuit: {circuit.get('empty_faithfulness'):.3f}")
+                     f"(n={len(rand)}, p={_p(circuit.get('random_p'))}); empty circuit: {circuit.get('empty_faithfulness'):.3f}")
     if circuit.get("necessity") is not None:
         rn = circuit.get("random_necessity") or []
         items.append(f"necessity (the circuit alone ablated): {circuit['necessity']:.3f} of the logit difference kept; "
