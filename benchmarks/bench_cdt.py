@@ -12,8 +12,9 @@ One prompt ("The capital of France is" -> " Paris"), one run, both methods on th
   time x 1536/128, averaged over the 4 layers, x 30 layers (CD-T's cost falls with the layer, as it
   starts at the source; patching runs the whole model every time).
 * agreement on the sample: Spearman correlation of CD-T contributions and ablation effects;
-* memory: peak RSS of a fresh process that loads the model and runs a plain forward, vs one that
-  runs the head sweep (rel and irrel double each activation, and a batch of sources multiplies it).
+* memory: in a fresh process, the peak RSS above the loaded model's (Linux ``clear_refs`` resets
+  the peak) of a plain forward and of the head sweep (rel and irrel double each activation, and a
+  batch of sources multiplies it).
 
 ``--validate N``: for N country_capital facts, every neuron of one layer (default: the MLP block
 with the largest mean contribution) ranked by CD-T and by zero-ablation of the logit difference
@@ -45,20 +46,36 @@ SAMPLE_LAYERS = (3, 11, 19, 27)
 PER_LAYER = 128
 
 _MEM_CHILD = """
-import json, resource, torch
+import json, torch
+from pathlib import Path
 from neuronatlas.models import load_model
 from neuronatlas.decompose import trace_prompt, LogitTarget
 from neuronatlas.decompose.attribution import component_attribution
-lm = load_model("default")
-with torch.no_grad():
-    lm.model(**lm.tokenizer("{prompt}", return_tensors="pt"))
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-if {cdt}:
-    tr = trace_prompt(lm, "{prompt}")
-    component_attribution(lm, tr, LogitTarget(lm.tokenizer.encode("{target}")[0]), mlps=False, batch={batch})
-print(json.dumps({{"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "after_forward_mb": base}}))
-"""
 
+def status(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+
+def reset_peak():  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+    Path("/proc/self/clear_refs").write_text("5")
+
+lm = load_model("default")
+ids = lm.tokenizer("{prompt}", return_tensors="pt")
+with torch.no_grad():
+    lm.model(**ids)
+reset_peak()
+base = status("VmRSS")
+with torch.no_grad():
+    lm.model(**ids)
+plain = status("VmHWM") - base
+reset_peak()
+base = status("VmRSS")
+tr = trace_prompt(lm, "{prompt}")
+component_attribution(lm, tr, LogitTarget(lm.tokenizer.encode("{target}")[0]), mlps=False, batch={batch})
+cdt = status("VmHWM") - base
+print(json.dumps({{"plain_forward_mb": plain, "cdt_heads_mb": cdt, "rss_mb": status("VmRSS")}}))
+"""
 
 def _spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
@@ -135,13 +152,10 @@ def main() -> None:
           f"patching {total_patch / 60:.1f} min, ratio {total_patch / total_cd:.2f}", flush=True)
 
     if not args.no_memory:
-        fmt = dict(prompt=PROMPT, target=TARGET, batch=args.batch)
-        plain = run_child(_MEM_CHILD.format(cdt=False, **fmt))
-        cdt = run_child(_MEM_CHILD.format(cdt=True, **fmt))
-        res["memory"] = {"plain_forward_peak_mb": plain["peak_mb"], "cdt_heads_peak_mb": cdt["peak_mb"],
-                         "batch": args.batch}
-        print(f"peak RSS: plain forward {plain['peak_mb']:.0f} MB, CD-T head sweep (batch {args.batch}) "
-              f"{cdt['peak_mb']:.0f} MB", flush=True)
+        mem = run_child(_MEM_CHILD.format(prompt=PROMPT, target=TARGET, batch=args.batch))
+        res["memory"] = {**mem, "batch": args.batch}
+        print(f"peak RSS above the loaded model: plain forward {mem['plain_forward_mb']:.1f} MB, CD-T head sweep "
+              f"(batch {args.batch}) {mem['cdt_heads_mb']:.1f} MB; process RSS {mem['rss_mb']:.0f} MB", flush=True)
 
     if args.validate:
         from neuronatlas.decompose.api import relation_facts

@@ -337,3 +337,22 @@ def test_embedded_model_invariant():
     tokens = token_attribution(lm, tr, target)
     assert tokens.total == pytest.approx(logit) and tokens.stable == [False] + [True] * (T - 1)
     assert tokens.interaction is None and 0 < sum(tokens.rel[1:]) < 2 * logit
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_mode_equals_the_two_part_run(family):
+    """The fast mode reads W irrel as W total - W rel; it must agree with multiplying both parts."""
+    lm = tiny_model(family)
+    tr = trace_prompt(lm, PROMPT)
+    sources = [Source(), Source(tokens=(0, 3)), Source(neurons=((0, 5), (1, 7)), heads=((0, 1),)),
+               Source(mlps=(1,), positions=(1, 2))]
+    target = LogitTarget(_target(lm), foil=_target(lm, " Tokyo"))
+    exact = propagate(lm, tr, sources, target=target, keep_layers=True)
+    fast = propagate(lm, tr, sources, target=target, keep_layers=True, fast=True)
+    assert fast.rel.shape == (len(sources),) and float(fast.rel[0]) == 0.0
+    assert torch.allclose(fast.rel, exact.rel, atol=1e-5) and torch.allclose(fast.irrel, exact.irrel, atol=1e-5)
+    for layer in exact.layers:
+        assert close(fast.layers[layer], exact.layers[layer])
+    down = propagate(lm, tr, sources, target=NeuronTarget(1, 3), fast=True)
+    ref = propagate(lm, tr, sources, target=NeuronTarget(1, 3))
+    assert torch.allclose(down.rel, ref.rel, atol=1e-6)

@@ -78,11 +78,12 @@ def _chunks(items: list[Source], size: int) -> list[list[Source]]:
 
 
 def run_sources(lm: LoadedModel, trace: Trace, sources: list[Source], target: Target,
-                batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """rel and irrel of ``target`` for each source, in batches of ``batch`` sources."""
+                batch: int = 128, fast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """rel and irrel of ``target`` for each source, in batches of ``batch`` sources (``fast``:
+    see :func:`~neuronatlas.decompose.core.propagate`)."""
     rels, irrels = [], []
     for chunk in _chunks(sources, batch):
-        out = propagate(lm, trace, chunk, target=target)
+        out = propagate(lm, trace, chunk, target=target, fast=fast)
         rels.append(out.rel.cpu())
         irrels.append(out.irrel.cpu())
     if not rels:

@@ -136,10 +136,17 @@ class Propagation:
 
 
 # --- the rules ---------------------------------------------------------------------------------
-def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Linear map of the parts ``x`` (2, ...); the bias goes to rel and irrel in proportion to
-    ``|W rel|`` and ``|W irrel|`` (all of it to irrel where both are 0)."""
-    y = x @ weight.T
+def split_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fast: bool = False) -> torch.Tensor:
+    """Linear map of the parts ``x`` (2, B, ...); the bias goes to rel and irrel in proportion to
+    ``|W rel|`` and ``|W irrel|`` (all of it to irrel where both are 0).
+
+    ``fast``: the last batch row is the total (rel = total, irrel = 0), so ``W irrel`` is read as
+    ``W total - W rel`` and only the rel parts are multiplied (half the matrix work)."""
+    if fast:
+        rel = x[0] @ weight.T
+        y = torch.stack((rel, rel[-1:] - rel))
+    else:
+        y = x @ weight.T
     if bias is not None:
         a = y.abs()
         den = a[0] + a[1]
@@ -277,36 +284,46 @@ def _masks(sources: Sequence[Source], kind: str, layer: int, width: int, T: int,
     return mask
 
 
-def _attention(x: torch.Tensor, parts: LayerParts, probs: torch.Tensor, head_mask: torch.Tensor | None) -> torch.Tensor:
+def _attention(x: torch.Tensor, parts: LayerParts, probs: torch.Tensor, head_mask: torch.Tensor | None,
+               fast: bool) -> torch.Tensor:
     """x: (2, B, T, d) normed input; values decomposed, probabilities (1, H, T, T) held fixed."""
     _, B, T, _ = x.shape
-    v = split_linear(x, parts.v_weight, parts.v_bias)                # (2, B, T, kv*hd)
+    v = split_linear(x, parts.v_weight, parts.v_bias, fast)          # (2, B, T, kv*hd)
     v = v.view(2, B, T, parts.n_kv, parts.head_dim).transpose(2, 3)  # (2, B, kv, T, hd)
     v = v.repeat_interleave(parts.n_heads // parts.n_kv, dim=2)      # (2, B, H, T, hd)
     z = probs.to(v.dtype) @ v                                        # (2, B, H, T, hd)
     z = z.transpose(2, 3)                                            # (2, B, T, H, hd)
     if head_mask is not None:
         z = _move(z, head_mask[..., None])
-    return split_linear(z.reshape(2, B, T, -1), parts.o_weight, parts.o_bias)
+    return split_linear(z.reshape(2, B, T, -1), parts.o_weight, parts.o_bias, fast)
 
 
-def _mlp(x: torch.Tensor, parts: LayerParts, neuron_mask: torch.Tensor | None,
+def _mlp(x: torch.Tensor, parts: LayerParts, neuron_mask: torch.Tensor | None, fast: bool,
          stop_index: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the MLP output and its hidden activation h (2, B, T, n_neurons)."""
     if parts.gate_weight is not None:
-        gate = split_linear(x, parts.gate_weight, parts.gate_bias)
-        up = split_linear(x, parts.up_weight, parts.up_bias)
+        gate = split_linear(x, parts.gate_weight, parts.gate_bias, fast)
+        up = split_linear(x, parts.up_weight, parts.up_bias, fast)
         h = split_product(split_act(gate, parts.act), up)
     else:
-        h = split_act(split_linear(x, parts.up_weight, parts.up_bias), parts.act)
+        h = split_act(split_linear(x, parts.up_weight, parts.up_bias, fast), parts.act)
     if neuron_mask is not None:
         h = _move(h, neuron_mask)
     if stop_index is not None:
         return h, h
-    return split_linear(h, parts.down_weight, parts.down_bias), h
+    return split_linear(h, parts.down_weight, parts.down_bias, fast), h
 
 
-def _initial(lm: LoadedModel, trace: Trace, sources: Sequence[Source], start: int) -> torch.Tensor:
+def _initial(lm: LoadedModel, trace: Trace, sources: Sequence[Source], start: int, fast: bool) -> torch.Tensor:
+    """The parts entering layer ``start``; with ``fast`` one more row, the total (rel = total, irrel = 0)."""
+    x = _initial_parts(lm, trace, sources, start)
+    if not fast:
+        return x
+    total = x[0, :1] + x[1, :1]
+    return torch.cat((x, torch.stack((total, torch.zeros_like(total)))), dim=1)
+
+
+def _initial_parts(lm: LoadedModel, trace: Trace, sources: Sequence[Source], start: int) -> torch.Tensor:
     arch = decomp_arch(lm)
     B = len(sources)
     if start > 0:
@@ -322,20 +339,21 @@ def _initial(lm: LoadedModel, trace: Trace, sources: Sequence[Source], start: in
     return torch.stack((tok * mask, tok * (1 - mask) + other))
 
 
-def _readout(x: torch.Tensor, lm: LoadedModel, target: LogitTarget, full: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _readout(x: torch.Tensor, lm: LoadedModel, target: LogitTarget, full: bool,
+             fast: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     arch = decomp_arch(lm)
     normed = _norm(x, arch.final_norm(lm.model), arch.final_parts)
     unembed = lm.spec.unembedding(lm.model).float()
     cap = arch.final_softcap
     tokens = [target.token] + ([target.foil] if target.foil is not None else [])
     w = unembed[tokens]
-    logits = split_linear(normed[:, :, target.position], w, None)  # (2, B, k)
+    logits = split_linear(normed[:, :, target.position], w, None, fast)  # (2, B, k)
     if cap:
         logits = split_act(logits, lambda t: torch.tanh(t / cap) * cap)
     value = logits[..., 0] - (logits[..., 1] if target.foil is not None else 0.0)
     full_logits = None
     if full:
-        full_logits = split_linear(normed, unembed, None)
+        full_logits = split_linear(normed, unembed, None, fast)
         if cap:
             full_logits = split_act(full_logits, lambda t: torch.tanh(t / cap) * cap)
     return value, full_logits
@@ -343,13 +361,25 @@ def _readout(x: torch.Tensor, lm: LoadedModel, target: LogitTarget, full: bool) 
 
 @torch.no_grad()
 def propagate(lm: LoadedModel, trace: Trace, sources: Sequence[Source], *, target: Target | None = None,
-              keep_layers: bool = False, full_logits: bool = False) -> Propagation:
+              keep_layers: bool = False, full_logits: bool = False, fast: bool = False) -> Propagation:
     """Decompose the forward of ``trace``'s prompt for each of ``sources`` (one batch row each).
 
     With a :class:`LogitTarget`, ``rel``/``irrel`` hold the target logit (difference) per source;
     with a :class:`NeuronTarget`, the neuron's activation. Sources that start at layer ``l`` are
     exact from there on: before ``l`` everything is irrel, so the run starts from the cached total.
+    ``fast`` carries the total as an extra row and reads each linear map's irrel output as
+    ``W total - W rel`` (half the matrix work; equal to the two-part run up to float rounding).
     """
+    out = _propagate(lm, trace, sources, target, keep_layers, full_logits, fast)
+    if fast:  # drop the total's row
+        out.rel, out.irrel = out.rel[:-1], out.irrel[:-1]
+        out.layers = {k: v[:, :-1] for k, v in out.layers.items()}
+        out.logits = None if out.logits is None else out.logits[:, :-1]
+    return out
+
+
+def _propagate(lm: LoadedModel, trace: Trace, sources: Sequence[Source], target: Target | None,
+               keep_layers: bool, full_logits: bool, fast: bool) -> Propagation:
     arch = decomp_arch(lm)
     n_layers = len(arch.layers(lm.model))
     T = trace.n_tokens
@@ -360,14 +390,16 @@ def propagate(lm: LoadedModel, trace: Trace, sources: Sequence[Source], *, targe
     if isinstance(target, NeuronTarget):
         stop = target.layer + 1
         start = min(start, target.layer)
-    x = _initial(lm, trace, sources, start)
+    x = _initial(lm, trace, sources, start, fast)
+    if fast:
+        sources = [*sources, Source()]
     out = Propagation(rel=torch.zeros(0), irrel=torch.zeros(0))
     B = len(sources)
     for layer in range(start, stop):
         parts = arch.parts(lm.model, layer)
         heads = _masks(sources, "heads", layer, parts.n_heads, T, x.device)
         neurons = _masks(sources, "neurons", layer, lm.n_neurons, T, x.device)
-        attn = _attention(_norm(x, parts.in_norm, parts), parts, trace.probs[layer].to(x.device), heads)
+        attn = _attention(_norm(x, parts.in_norm, parts), parts, trace.probs[layer].to(x.device), heads, fast)
         if parts.post_attn_norm is not None:
             attn = _norm(attn, parts.post_attn_norm, parts)
         if parts.parallel:  # GPT-NeoX style: attention and MLP both read the layer input
@@ -377,7 +409,7 @@ def propagate(lm: LoadedModel, trace: Trace, sources: Sequence[Source], *, targe
             x = x + attn
             mlp_in = _norm(x, parts.mlp_norm, parts)
         last = isinstance(target, NeuronTarget) and layer == target.layer
-        mlp, h = _mlp(mlp_in, parts, neurons, stop_index=target.index if last and isinstance(target, NeuronTarget) else None)
+        mlp, h = _mlp(mlp_in, parts, neurons, fast, stop_index=target.index if last and isinstance(target, NeuronTarget) else None)
         if last and isinstance(target, NeuronTarget):
             value = h[:, :, target.position, target.index]
             out.rel, out.irrel = value[0], value[1]
@@ -388,7 +420,7 @@ def propagate(lm: LoadedModel, trace: Trace, sources: Sequence[Source], *, targe
         if keep_layers:
             out.layers[layer] = x.clone()
     if isinstance(target, LogitTarget) or full_logits:
-        value, logits = _readout(x, lm, target if isinstance(target, LogitTarget) else LogitTarget(0), full_logits)
+        value, logits = _readout(x, lm, target if isinstance(target, LogitTarget) else LogitTarget(0), full_logits, fast)
         if isinstance(target, LogitTarget):
             out.rel, out.irrel = value[0], value[1]
         out.logits = logits
