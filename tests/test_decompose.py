@@ -225,7 +225,7 @@ def test_circuit_loop_on_a_tiny_model():
     if res.reached:  # the smallest prefix that reaches the share
         assert all(s < 0.6 for k, s in res.curve if k < len(res.components))
     assert res.faithfulness is not None and len(res.random_faithfulness) == 4 and 0 < res.random_p <= 1
-    assert res.necessity is not None and len(res.random_necessity) == 4
+    assert res.necessity is not None and len(res.random_necessity) == 4 and 0 < res.necessity_p <= 1
     # a circuit of every component ablates nothing: faithfulness is exactly 1; the empty one: necessity 1
     res.components = names
     faithfulness(lm, facts, res, n_random=0)

@@ -123,7 +123,7 @@ def circuit_cmd(
             "necessity": result.necessity,
             "random_necessity_mean": (sum(result.random_necessity) / len(result.random_necessity)
                                       if result.random_necessity else None),
-            "unstable": result.unstable,
+            "necessity_p": result.necessity_p, "unstable": result.unstable,
             "clean_logit_diff": result.clean_logit_diff}
 
     def render(d: dict[str, Any]) -> None:
@@ -140,7 +140,8 @@ def circuit_cmd(
                           f"empty circuit: {d['empty_faithfulness']:.3f}")
             rn = d["random_necessity_mean"]
             console.print(f"necessity (the circuit alone ablated): {d['necessity']:.3f} of the logit difference kept; "
-                          f"random circuits of the same size: {'–' if rn is None else f'{rn:.3f}'}")
+                          f"random circuits of the same size: {'–' if rn is None else f'{rn:.3f}'} "
+                          f"(p={'–' if d['necessity_p'] is None else format(d['necessity_p'], '.3f')})")
         if d["unstable"]:
             console.print(f"left out of the ranking (rel and irrel cancel on some fact): {', '.join(d['unstable'])}")
         console.print(f"registered in {d['atlas']} as study {d['study']} (neuronatlas serve {d['atlas']})")

@@ -73,9 +73,18 @@ class CircuitResult:
         hits = sum(r >= self.faithfulness for r in self.random_faithfulness)
         return (hits + 1) / (len(self.random_faithfulness) + 1)
 
+    @property
+    def necessity_p(self) -> float | None:
+        """Share of random circuits whose ablation hurts at least as much (with the +1 correction)."""
+        if self.necessity is None or not self.random_necessity:
+            return None
+        hits = sum(r <= self.necessity for r in self.random_necessity)
+        return (hits + 1) / (len(self.random_necessity) + 1)
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out["random_p"] = self.random_p
+        out["necessity_p"] = self.necessity_p
         out["curve"] = [list(c) for c in self.curve]
         return out
 

@@ -145,7 +145,8 @@ def circuit_summary_html(circuit: Mapping[str, Any]) -> str:
     if circuit.get("necessity") is not None:
         rn = circuit.get("random_necessity") or []
         items.append(f"necessity (the circuit alone ablated): {circuit['necessity']:.3f} of the logit difference kept; "
-                     f"random circuits: {sum(rn) / len(rn) if rn else float('nan'):.3f}")
+                     f"random circuits: {sum(rn) / len(rn) if rn else float('nan'):.3f} "
+                     f"(p={_p(circuit.get('necessity_p'))})")
     items.append(f"{len(circuit.get('facts', []))} facts; mean clean logit difference "
                  f"{circuit.get('clean_logit_diff', 0):.3f}")
     return "<ul>" + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>"
