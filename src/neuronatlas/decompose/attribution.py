@@ -18,6 +18,7 @@ when that component alone is the source.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -70,7 +71,9 @@ def target_value(trace: Trace, target: LogitTarget) -> float:
 
 
 def _stable(rel: float, irrel: float, total: float) -> bool:
-    return abs(rel) + abs(irrel) <= UNSTABLE_RATIO * max(abs(total), 1e-6)
+    """False where the parts cancel (or overflowed to inf/nan): docs/decompose.md, "Unstable parts"."""
+    size = abs(rel) + abs(irrel)
+    return math.isfinite(size) and size <= UNSTABLE_RATIO * max(abs(total), 1e-6)
 
 
 def _chunks(items: list[Source], size: int) -> list[list[Source]]:
@@ -147,7 +150,8 @@ def sources_for(lm: LoadedModel, names: Sequence[str], positions: tuple[int, ...
 
 def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, heads: bool = True,
                           mlps: bool = True, neuron_layers: Sequence[int] = (), batch: int = 128,
-                          max_layer: int | None = None, first_position: bool = False) -> list[ComponentScore]:
+                          max_layer: int | None = None, first_position: bool = False,
+                          fast: bool = True) -> list[ComponentScore]:
     """Every head and MLP block (and every neuron of ``neuron_layers``) as a source on its own,
     sorted by rel, largest first. ``max_layer`` limits components to layers < it (for a
     downstream-neuron target, components at or after its layer cannot reach it).
@@ -175,7 +179,7 @@ def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, head
     irrel = torch.zeros(len(sources))
     for layer in sorted({names[i][2] for i in order}):
         idx = [i for i in order if names[i][2] == layer]
-        r, ir = run_sources(lm, trace, [sources[i] for i in idx], target, batch)
+        r, ir = run_sources(lm, trace, [sources[i] for i in idx], target, batch, fast)
         rel[idx], irrel[idx] = r, ir
     total = target_value(trace, target) if isinstance(target, LogitTarget) else \
         (float(rel[0] + irrel[0]) if len(sources) else 0.0)
