@@ -318,8 +318,12 @@ def test_cli_errors_are_one_line(capsys, model_dir, tmp_path, write_jsonl, args,
 def test_embedded_model_invariant():
     from neuronatlas.models import load_model
 
+    from neuronatlas.record.hooks import count_hooks
+
     lm = load_model("default")
+    before = lm.model.config._attn_implementation
     tr = trace_prompt(lm, "The capital of France is")
+    assert lm.model.config._attn_implementation == before and count_hooks(lm.model) == 0
     T = tr.n_tokens
     target = LogitTarget(lm.tokenizer.encode(" Paris")[0])
     out = propagate(lm, tr, [Source(), Source(tokens=(1, 3)), Source(heads=((3, 2),), neurons=((10, 100),))],
@@ -356,3 +360,18 @@ def test_fast_mode_equals_the_two_part_run(family):
     down = propagate(lm, tr, sources, target=NeuronTarget(1, 3), fast=True)
     ref = propagate(lm, tr, sources, target=NeuronTarget(1, 3))
     assert torch.allclose(down.rel, ref.rel, atol=1e-6)
+
+
+def test_no_hook_survives():
+    from neuronatlas.decompose.ablation import ablate_rows
+    from neuronatlas.record.hooks import count_hooks
+
+    lm = tiny_model("llama")
+    before = count_hooks(lm.model)
+    trace_prompt(lm, "The capital")
+    with pytest.raises(RuntimeError):
+        with ablate_rows(lm, [["L0.head:1", "L1.mlp", "L1:3"]]):
+            assert count_hooks(lm.model) > before
+            raise RuntimeError("boom")
+    assert count_hooks(lm.model) == before
+    assert lm.model.config._attn_implementation == "eager"

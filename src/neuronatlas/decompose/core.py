@@ -258,7 +258,7 @@ def trace_ids(lm: LoadedModel, input_ids: torch.Tensor) -> Trace:
             handles.append(layer.register_forward_hook(post(i)))
             handles.append(arch.attention(layer).register_forward_hook(attn(i)))
         with _eager(lm):
-            logits = lm.model(input_ids=ids, output_attentions=True).logits[0].float()
+            logits = lm.model(input_ids=ids).logits[0].float()
     finally:
         for h in handles:
             h.remove()
