@@ -269,6 +269,21 @@ def test_cli_decompose(capsys, model_dir, tmp_path):
     code, out, _ = _run(capsys, "decompose", "--model", str(model_dir), "-p", "The capital of France is",
                         "-t", " Paris", "--foil", " Tokyo", "--neuron-layers", "0,1", "--html", str(html))
     assert code == 0 and "per input token" in out and "top 20 components" in out
+    # a downstream neuron as the target: only components that can reach it, the total is its activation
+    code, out, _ = _run(capsys, "decompose", "--model", str(model_dir), "-p", "The capital of France is",
+                        "--to-neuron", "L1:4", "--html", str(html), "--json")
+    data = json.loads(out)
+    lm = tiny_model("llama")
+    seen = {}
+    handle = lm.model.model.layers[1].mlp.down_proj.register_forward_pre_hook(
+        lambda _m, args: seen.__setitem__("h", args[0]))
+    try:
+        lm.model(**lm.tokenizer("The capital of France is", return_tensors="pt"))
+    finally:
+        handle.remove()
+    assert code == 0 and data["target_kind"] == "neuron" and data["neuron_layers"] == [0]
+    assert abs(data["total"] - float(seen["h"][0, -1, 4])) < 1e-5
+    assert all(c["layer"] <= 1 and c["name"] != "L1.mlp" for c in data["components"])
 
 
 def test_cli_circuit_registers_a_study(capsys, model_dir, tmp_path, write_jsonl):
@@ -300,6 +315,9 @@ def test_cli_circuit_registers_a_study(capsys, model_dir, tmp_path, write_jsonl)
     (["decompose", "--prompt", " ", "--target", " Paris"], "prompt is empty"),
     (["decompose", "--prompt", "The cat", "--target", " Paris", "--neuron-layers", "7"], "out of range"),
     (["decompose", "--prompt", "The cat", "--target", " Paris", "--neuron-layers", "a"], "cannot parse --neuron-layers"),
+    (["decompose", "--prompt", "The cat"], "nothing to explain"),
+    (["decompose", "--prompt", "The cat", "--to-neuron", "L9:0"], "outside the model"),
+    (["decompose", "--prompt", "The cat", "--to-neuron", "L1"], "cannot parse neuron id"),
     (["circuit", "--relation", "capital", "--facts", "missing.jsonl"], "file not found"),
     (["circuit", "--relation", "nope", "--facts", "FACTS"], "no facts of relation 'nope'"),
     (["circuit", "--relation", "capital", "--facts", "FACTS", "--ablation", "half"], "unknown --ablation"),

@@ -38,7 +38,9 @@ def _check_file(path: Path | None) -> Path | None:
 
 def decompose_cmd(
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="the prompt")],
-    target: Annotated[str, typer.Option("--target", "-t", help="the next token to explain, e.g. ' Paris' (its first token)")],
+    target: Annotated[str | None, typer.Option("--target", "-t", help="the next token to explain, e.g. ' Paris' (its first token)")] = None,
+    to_neuron: Annotated[str | None, typer.Option("--to-neuron", help="explain this MLP neuron's activation at the last "
+                                                  "token instead, e.g. L20:345")] = None,
     model: ModelOpt = "default",
     foil: Annotated[str | None, typer.Option(help="explain logit(target) - logit(foil) instead of the target's logit")] = None,
     top: Annotated[int, typer.Option(min=1, help="components listed")] = 20,
@@ -48,10 +50,19 @@ def decompose_cmd(
                                               "(default decompose.html)")] = None,
     device: DeviceOpt = "cpu", as_json: JsonOpt = False,
 ) -> None:
-    """Split the forward into rel + irrel: each input token's and each component's part of the target logit."""
+    """Split the forward into rel + irrel: each input token's and each component's part of the target logit
+    (or of a downstream neuron's activation)."""
     from neuronatlas.decompose.api import decompose_prompt
     from neuronatlas.report.decompose_html import write_decompose_html
 
+    if target is None and to_neuron is None:
+        from neuronatlas.errors import SelectionError
+
+        raise SelectionError("nothing to explain; pass --target ' Paris' or --to-neuron L20:345")
+    if to_neuron is not None:
+        from neuronatlas.ids import NeuronId
+
+        NeuronId.parse(to_neuron)
     layers = _layers(neuron_layers)
     html_path = html or out_file(Path("decompose.html"))
     lm = load_model_cli(model, "float32", device, quiet=as_json)
@@ -63,11 +74,13 @@ def decompose_cmd(
             raise SiteError(f"--neuron-layers {bad[0]} is out of range; the model has layers 0-{lm.n_layers - 1}")
     if not as_json:
         err_console.print("[dim]decomposing (every token, head and MLP block as a source)...[/dim]")
-    result = decompose_prompt(lm, prompt, target, foil=foil, top=top, neuron_layers=layers)
+    result = decompose_prompt(lm, prompt, target, foil=foil, top=top, neuron_layers=layers, to_neuron=to_neuron)
     result["html"] = str(write_decompose_html(html_path, result))
 
     def render(d: dict[str, Any]) -> None:
         what = f"logit({d['target']!r})" + (f" - logit({d['foil']!r})" if d["foil"] else "")
+        if d["target_kind"] == "neuron":
+            what = f"neuron {d['target']} at the last token"
         tokens = Table("pos", "token", "rel", "share", title=f"{what} = {d['total']:+.4g}: per input token")
         for t in d["tokens"]:
             tokens.add_row(str(t["position"]), repr(t["token"]), f"{t['rel']:+.4g}" if t["stable"] else "unstable",

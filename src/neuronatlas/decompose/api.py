@@ -15,8 +15,9 @@ from typing import Any
 
 from neuronatlas.decompose.attribution import component_attribution, token_attribution
 from neuronatlas.decompose.circuit import CircuitResult, discover_circuit, fact_rows
-from neuronatlas.decompose.core import LogitTarget, trace_prompt
+from neuronatlas.decompose.core import LogitTarget, NeuronTarget, Target, trace_prompt
 from neuronatlas.errors import DatasetError, SelectionError
+from neuronatlas.ids import NeuronId
 from neuronatlas.models.loading import LoadedModel
 
 __all__ = ["decompose_prompt", "relation_facts", "circuit_to_atlas", "run_circuit"]
@@ -29,14 +30,28 @@ def _token(lm: LoadedModel, text: str, what: str) -> int:
     return int(ids[0])
 
 
-def decompose_prompt(lm: LoadedModel, prompt: str, target: str, *, foil: str | None = None, top: int = 20,
-                     neuron_layers: Sequence[int] | None = None, components: bool = True) -> dict[str, Any]:
+def decompose_prompt(lm: LoadedModel, prompt: str, target: str | None, *, foil: str | None = None, top: int = 20,
+                     neuron_layers: Sequence[int] | None = None, components: bool = True,
+                     to_neuron: str | None = None) -> dict[str, Any]:
     """Token attributions and the ``top`` components (heads, MLP blocks, and the neurons of
-    ``neuron_layers``; None: the MLP block with the largest contribution) for the target's first token.
+    ``neuron_layers``; None: the MLP block with the largest contribution) for the target's first token,
+    or, with ``to_neuron`` (``L20:345``), for that MLP neuron's activation at the last token.
     Components whose parts cancel (unstable) are listed apart, not ranked."""
     if not prompt.strip():
         raise SelectionError("the prompt is empty; pass --prompt 'some text'")
-    tgt = LogitTarget(_token(lm, target, "target"), None if foil is None else _token(lm, foil, "foil"))
+    tgt: Target
+    max_layer: int | None = None
+    if to_neuron is not None:
+        nid = NeuronId.parse(to_neuron)
+        if not (0 <= nid.layer < lm.n_layers and 0 <= nid.index < lm.n_neurons):
+            raise SelectionError(f"neuron {nid} is outside the model (layers 0-{lm.n_layers - 1}, "
+                                 f"neurons 0-{lm.n_neurons - 1})")
+        tgt = NeuronTarget(nid.layer, nid.index)
+        max_layer = nid.layer + 1
+    elif target is not None:
+        tgt = LogitTarget(_token(lm, target, "target"), None if foil is None else _token(lm, foil, "foil"))
+    else:
+        raise SelectionError("nothing to explain; pass --target ' Paris' or --to-neuron L20:345")
     trace = trace_prompt(lm, prompt)
     tokens = token_attribution(lm, trace, tgt)
     total = tokens.total
@@ -44,20 +59,26 @@ def decompose_prompt(lm: LoadedModel, prompt: str, target: str, *, foil: str | N
     unstable: list[str] = []
     layers: list[int] = []
     if components:
-        scores = component_attribution(lm, trace, tgt)
+        scores = component_attribution(lm, trace, tgt, max_layer=max_layer)
+        if isinstance(tgt, NeuronTarget):  # the target's own block holds the target: not a component of it
+            scores = [s for s in scores if not (s.kind == "mlp" and s.layer == tgt.layer)]
         if neuron_layers is None:
             mlps = [s for s in scores if s.kind == "mlp" and s.stable]
             layers = [max(mlps, key=lambda s: abs(s.rel)).layer] if mlps else []
         else:
             layers = list(neuron_layers)
         if layers:
+            if isinstance(tgt, NeuronTarget) and any(x >= tgt.layer for x in layers):
+                raise SelectionError(f"--neuron-layers must be below the target neuron's layer {tgt.layer}")
             scores += [s for s in component_attribution(lm, trace, tgt, heads=False, mlps=False, neuron_layers=layers)]
         unstable = [s.name for s in scores if not s.stable]
         scores = sorted((s for s in scores if s.stable), key=lambda s: -abs(s.rel))
         comps = [{"name": s.name, "kind": s.kind, "layer": s.layer, "index": s.index, "rel": s.rel,
                   "share": s.rel / total if total else 0.0, "stable": s.stable} for s in scores[:top]]
     return {
-        "model": lm.name, "prompt": prompt, "target": target, "foil": foil, "target_token": tgt.token,
+        "model": lm.name, "prompt": prompt, "target": target if to_neuron is None else to_neuron, "foil": foil,
+        "target_kind": "neuron" if to_neuron is not None else "logit",
+        "target_token": tgt.token if isinstance(tgt, LogitTarget) else None,
         "total": total, "interaction": tokens.interaction, "neuron_layers": layers, "unstable_components": unstable,
         "tokens": [{"position": i, "token": t, "rel": r, "irrel": ir, "share": r / total if total else 0.0,
                     "stable": s} for i, (t, r, ir, s) in enumerate(zip(tokens.tokens, tokens.rel, tokens.irrel, tokens.stable))],

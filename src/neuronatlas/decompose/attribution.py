@@ -64,10 +64,13 @@ class ComponentScore:
     stable: bool
 
 
-def target_value(trace: Trace, target: LogitTarget) -> float:
-    """The target's value in the clean forward (logit, or logit difference with a foil)."""
-    logits = trace.logits[target.position]
-    return float(logits[target.token] - (logits[target.foil] if target.foil is not None else 0.0))
+def target_value(lm: LoadedModel, trace: Trace, target: Target) -> float:
+    """The target's value in the clean forward: the logit (difference), or the downstream neuron's
+    activation (the irrel part of the empty source, which is all of it)."""
+    if isinstance(target, LogitTarget):
+        logits = trace.logits[target.position]
+        return float(logits[target.token] - (logits[target.foil] if target.foil is not None else 0.0))
+    return float(propagate(lm, trace, [Source()], target=target).irrel[0])
 
 
 def _stable(rel: float, irrel: float, total: float) -> bool:
@@ -94,10 +97,10 @@ def run_sources(lm: LoadedModel, trace: Trace, sources: list[Source], target: Ta
     return torch.cat(rels), torch.cat(irrels)
 
 
-def token_attribution(lm: LoadedModel, trace: Trace, target: LogitTarget) -> TokenAttribution:
+def token_attribution(lm: LoadedModel, trace: Trace, target: Target) -> TokenAttribution:
     T = trace.n_tokens
     rel, irrel = run_sources(lm, trace, [Source(tokens=(t,)) for t in range(T)], target)
-    total = target_value(trace, target)
+    total = target_value(lm, trace, target)
     tokens = lm.tokenizer.convert_ids_to_tokens(trace.input_ids.tolist())
     r, i = rel.tolist(), irrel.tolist()
     return TokenAttribution(tokens=[str(t) for t in tokens], rel=r, irrel=i, total=total,
@@ -181,8 +184,7 @@ def component_attribution(lm: LoadedModel, trace: Trace, target: Target, *, head
         idx = [i for i in order if names[i][2] == layer]
         r, ir = run_sources(lm, trace, [sources[i] for i in idx], target, batch, fast)
         rel[idx], irrel[idx] = r, ir
-    total = target_value(trace, target) if isinstance(target, LogitTarget) else \
-        (float(rel[0] + irrel[0]) if len(sources) else 0.0)
+    total = target_value(lm, trace, target)
     scores = [ComponentScore(n, k, l, i, float(rel[j]), _stable(float(rel[j]), float(irrel[j]), total))
               for j, (n, k, l, i) in enumerate(names)]
     return sorted(scores, key=lambda s: -s.rel)

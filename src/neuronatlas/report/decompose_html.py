@@ -113,9 +113,10 @@ def write_decompose_html(path: str | Path, result: Mapping[str, Any]) -> Path:
                    "<td>unstable: rel and irrel cancel</td></tr>" for t in tok)
     comp_rows = "".join(f"<tr><td>{escape(c['name'])}</td><td>{c['rel']:+.4g}</td><td>{c['share']:+.3f}</td></tr>"
                         for c in result["components"])
+    what = ("the neuron's activation" if result.get("target_kind") == "neuron" else
+            f"the target's logit{' minus the foil' if result.get('foil') else ''}")
     body = (f"<p>Target {escape(repr(result['target']))} at the last token; value {result['total']:+.4g} "
-            f"(the target's logit{' minus the foil' if result.get('foil') else ''}). Blue tokens raise it, red "
-            f"tokens lower it; hover for the number.</p>"
+            f"({escape(what)}). Blue tokens raise it, red tokens lower it; hover for the number.</p>"
             f"<p>{token_spans([t['token'] for t in tok], [t['rel'] for t in tok], [t['stable'] for t in tok])}</p>"
             f"<p class='note'>Interaction (total minus the sum of single-token parts): "
             f"{'n/a (a token is unstable)' if result['interaction'] is None else format(result['interaction'], '+.4g')}.</p>"
