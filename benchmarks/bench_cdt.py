@@ -192,11 +192,11 @@ def _validate(lm: Any, args: argparse.Namespace, res: dict[str, Any]) -> None:
             for f in facts:
                 trf = trace_prompt(lm, f.text)
                 for s in component_attribution(lm, trf, LogitTarget(f.target, f.foil), heads=False):
-                    sums[s.layer] += s.rel
+                    sums[s.layer] += s.rel if s.stable else float("-inf")
             layer = int(sums.argmax())
         t = time.perf_counter()
         v = validate_neurons(lm, facts, layer, batch=args.batch)
-        res["validation"] = {"facts": len(facts), "layer": layer, "spearman": v.spearman,
+        res["validation"] = {"facts": len(facts), "layer": layer, "spearman": v.spearman, "unstable": v.unstable,
                              "overlap": v.overlap, "cd_top": v.cd_top, "ablation_top": v.ablation_top,
                              "seconds": time.perf_counter() - t}
         print(f"validation L{layer}, {len(facts)} facts: spearman {v.spearman:.3f}, overlap {v.overlap}", flush=True)

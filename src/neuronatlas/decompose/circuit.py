@@ -27,7 +27,8 @@ import torch
 
 from neuronatlas.decompose.ablation import component_means, logit_diffs
 from neuronatlas.decompose.arch import decomp_arch
-from neuronatlas.decompose.attribution import after_first, component_attribution, run_sources, sources_for
+from neuronatlas.decompose.attribution import (UNSTABLE_RATIO, after_first, component_attribution, run_sources,
+                                                sources_for)
 from neuronatlas.decompose.core import LogitTarget, Source, trace_ids
 from neuronatlas.errors import DatasetError
 from neuronatlas.models.loading import LoadedModel
@@ -224,12 +225,14 @@ class NeuronValidation:
     overlap: dict[int, float]                 # k -> |top-k CD ∩ top-k ablation| / min(k, neurons)
     cd_top: list[str]
     ablation_top: list[str]
+    unstable: int = 0                         # neurons left out: their parts cancel on some fact
 
 
 def validate_neurons(lm: LoadedModel, facts: Sequence[Fact], layer: int, *, ks: Sequence[int] = (10, 50),
                      batch: int = 256) -> NeuronValidation:
-    """Every neuron of ``layer``: CD-T contribution to the logit difference vs the drop of the logit
-    difference when the neuron alone is zero-ablated, each averaged over ``facts``."""
+    """Every neuron of ``layer``: CD-T contribution to the logit difference (as a source after the
+    first position) vs the drop of the logit difference when the neuron alone is zero-ablated (all
+    positions), each averaged over ``facts``; neurons unstable on some fact are left out."""
     from scipy.stats import spearmanr
 
     from neuronatlas.decompose.ablation import ablated_logits
@@ -237,20 +240,25 @@ def validate_neurons(lm: LoadedModel, facts: Sequence[Fact], layer: int, *, ks: 
     n = lm.n_neurons
     cd = torch.zeros(n)
     effect = torch.zeros(n)
+    stable = torch.ones(n, dtype=torch.bool)
     rows = [[f"L{layer}:{j}"] for j in range(n)]
     for f in facts:
         tr = trace_ids(lm, _ids(lm, f.text))
-        rel, _ = run_sources(lm, tr, [Source(neurons=((layer, j),)) for j in range(n)],
-                             LogitTarget(f.target, f.foil), batch=batch)
-        cd += rel
+        rel, irrel = run_sources(lm, tr, [Source(neurons=((layer, j),), positions=after_first(tr.n_tokens))
+                                          for j in range(n)], LogitTarget(f.target, f.foil), batch=batch)
         clean = float(tr.logits[-1, f.target] - tr.logits[-1, f.foil])
+        size = rel.abs() + irrel.abs()
+        stable &= torch.isfinite(size) & (size <= UNSTABLE_RATIO * max(abs(clean), 1e-6))
+        cd += torch.nan_to_num(rel)
         lg = ablated_logits(lm, f.text, rows, batch=batch)
         effect += clean - (lg[:, f.target] - lg[:, f.foil])
-    cd, effect = cd / len(facts), effect / len(facts)
+    keep = stable.nonzero().flatten()
+    cd, effect = (cd / len(facts))[keep], (effect / len(facts))[keep]
     rho = float(spearmanr(cd.numpy(), effect.numpy()).statistic)
-    order_cd = np.argsort(-cd.numpy())
-    order_ab = np.argsort(-effect.numpy())
-    overlap = {k: len(set(order_cd[:k].tolist()) & set(order_ab[:k].tolist())) / min(k, n) for k in ks}
+    order_cd = keep[np.argsort(-cd.numpy())].tolist()
+    order_ab = keep[np.argsort(-effect.numpy())].tolist()
+    m = len(keep)
+    overlap = {k: len(set(order_cd[:k]) & set(order_ab[:k])) / min(k, m) for k in ks}
     return NeuronValidation(layer=layer, n_facts=len(facts), spearman=rho, overlap=overlap,
-                            cd_top=[f"L{layer}:{j}" for j in order_cd[:10].tolist()],
-                            ablation_top=[f"L{layer}:{j}" for j in order_ab[:10].tolist()])
+                            cd_top=[f"L{layer}:{j}" for j in order_cd[:10]],
+                            ablation_top=[f"L{layer}:{j}" for j in order_ab[:10]], unstable=n - m)
