@@ -54,7 +54,6 @@ class LayerParts:
     gate_bias: torch.Tensor | None = None
     norm_offset: float = 0.0
     layernorm: bool = False
-    parallel: bool = False
 
     @property
     def gated(self) -> bool:

@@ -402,12 +402,8 @@ def _propagate(lm: LoadedModel, trace: Trace, sources: Sequence[Source], target:
         attn = _attention(_norm(x, parts.in_norm, parts), parts, trace.probs[layer].to(x.device), heads, fast)
         if parts.post_attn_norm is not None:
             attn = _norm(attn, parts.post_attn_norm, parts)
-        if parts.parallel:  # GPT-NeoX style: attention and MLP both read the layer input
-            mlp_in = _norm(x, parts.mlp_norm, parts)
-            x = x + attn
-        else:
-            x = x + attn
-            mlp_in = _norm(x, parts.mlp_norm, parts)
+        x = x + attn
+        mlp_in = _norm(x, parts.mlp_norm, parts)
         last = isinstance(target, NeuronTarget) and layer == target.layer
         mlp, h = _mlp(mlp_in, parts, neurons, fast, stop_index=target.index if last and isinstance(target, NeuronTarget) else None)
         if last and isinstance(target, NeuronTarget):
