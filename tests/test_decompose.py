@@ -306,7 +306,7 @@ def test_cli_circuit_registers_a_study(capsys, model_dir, tmp_path, write_jsonl)
 
     client = TestClient(create_app(Library([atlas])))
     page = client.get("/a/atlas/study/circuit-capital")
-    assert page.status_code == 200 and "circuit.svg" in page.text
+    assert page.status_code == 200 and "circuit.svg" in page.text and "necessity" in page.text
     assert client.get("/a/atlas/study/circuit-capital/files/circuit.svg").status_code == 200
 
 

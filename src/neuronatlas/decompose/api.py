@@ -118,13 +118,14 @@ def relation_facts(relation: str, path: Path | None, n_facts: int, seed: int = 0
 def circuit_to_atlas(lm: LoadedModel, result: CircuitResult, out: Path, name: str) -> Path:
     """Register the circuit as a study of kind ``circuit`` in the atlas at ``out``: results.json,
     circuit.svg (the layered graph the viewer shows) and report.html."""
-    from neuronatlas.report.decompose_html import circuit_svg, write_circuit_html
+    from neuronatlas.report.decompose_html import circuit_findings, circuit_svg, write_circuit_html
     from neuronatlas.store.atlas import Atlas, atomic_path, write_json_atomic
 
     atlas = Atlas.create(out, model=lm.provenance)
     folder = atlas.path / "studies" / name
     data = {"name": name, "model": lm.name, **result.to_json(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    data["findings"] = circuit_findings(data)
     write_json_atomic(folder / "results.json", data)
     with atomic_path(folder / "circuit.svg") as tmp:
         tmp.write_text(circuit_svg(data), encoding="utf-8")

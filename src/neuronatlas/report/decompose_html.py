@@ -16,7 +16,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-__all__ = ["token_spans", "circuit_svg", "write_decompose_html", "write_circuit_html"]
+__all__ = ["token_spans", "circuit_svg", "circuit_findings", "write_decompose_html", "write_circuit_html"]
 
 _STYLE = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}"
           ".tok{padding:2px 1px;border-radius:3px;font-family:monospace;font-size:1.2em;white-space:pre}"
@@ -133,21 +133,30 @@ def _p(value: Any) -> str:
     return "–" if value is None else f"{float(value):.3f}"
 
 
-def circuit_summary_html(circuit: Mapping[str, Any]) -> str:
+def circuit_findings(circuit: Mapping[str, Any]) -> dict[str, str]:
+    """The circuit's results as sentences computed from its numbers (the viewer shows them)."""
     rand = circuit.get("random_faithfulness") or []
     mean_rand = sum(rand) / len(rand) if rand else None
     faith = circuit.get("faithfulness")
-    items = [f"{len(circuit.get('components', []))} components carry {circuit.get('explained_share', 0):.3f} of "
-             f"the logit difference (asked: {circuit.get('share', 0):.2f}; reached: {circuit.get('reached')})"]
+    out = {"circuit": f"{len(circuit.get('components', []))} components carry {circuit.get('explained_share', 0):.3f} of "
+                      f"the logit difference (asked: {circuit.get('share', 0):.2f}; reached: {circuit.get('reached')}): "
+                      + ", ".join(circuit.get("components", []))}
     if faith is not None:
-        items.append(f"faithfulness ({circuit.get('ablation')} ablation of everything else): {faith:.3f}; "
-                     f"random circuits of the same size: {'–' if mean_rand is None else f'{mean_rand:.3f}'} "
-                     f"(n={len(rand)}, p={_p(circuit.get('random_p'))}); empty circuit: {circuit.get('empty_faithfulness'):.3f}")
+        out["sufficiency"] = (f"faithfulness ({circuit.get('ablation')} ablation of everything else): {faith:.3f}; "
+                              f"random circuits of the same size: {'–' if mean_rand is None else f'{mean_rand:.3f}'} "
+                              f"(n={len(rand)}, p={_p(circuit.get('random_p'))}); empty circuit: "
+                              f"{circuit.get('empty_faithfulness', 0):.3f}")
     if circuit.get("necessity") is not None:
         rn = circuit.get("random_necessity") or []
-        items.append(f"necessity (the circuit alone ablated): {circuit['necessity']:.3f} of the logit difference kept; "
-                     f"random circuits: {sum(rn) / len(rn) if rn else float('nan'):.3f} "
-                     f"(p={_p(circuit.get('necessity_p'))})")
-    items.append(f"{len(circuit.get('facts', []))} facts; mean clean logit difference "
-                 f"{circuit.get('clean_logit_diff', 0):.3f}")
-    return "<ul>" + "".join(f"<li>{escape(i)}</li>" for i in items) + "</ul>"
+        out["necessity"] = (f"the circuit alone ablated keeps {circuit['necessity']:.3f} of the logit difference; "
+                            f"random circuits: {sum(rn) / len(rn) if rn else float('nan'):.3f} "
+                            f"(p={_p(circuit.get('necessity_p'))})")
+    out["facts"] = (f"{len(circuit.get('facts', []))} facts; mean clean logit difference "
+                    f"{circuit.get('clean_logit_diff', 0):.3f}")
+    if circuit.get("unstable"):
+        out["unstable"] = "left out of the ranking (rel and irrel cancel): " + ", ".join(circuit["unstable"])
+    return out
+
+
+def circuit_summary_html(circuit: Mapping[str, Any]) -> str:
+    return "<ul>" + "".join(f"<li>{escape(v)}</li>" for v in circuit_findings(circuit).values()) + "</ul>"
