@@ -13,6 +13,7 @@ from neuronatlas.cli import core, data, generate, studies
 from neuronatlas.cli import languages as languages_cli
 from neuronatlas.cli import web
 from neuronatlas.cli import decode as decode_cli
+from neuronatlas.cli import decompose as decompose_cli
 from neuronatlas.cli import explain as explain_cli
 from neuronatlas.cli.common import err_console
 from neuronatlas.errors import NeuronAtlasError
@@ -42,6 +43,7 @@ languages_cli.register(data_app, study_app)
 web.register(app)
 decode_cli.register(app)
 explain_cli.register(app)
+decompose_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:
