@@ -128,6 +128,43 @@ def clamp_study_cmd(
     run_study_cli(config, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)
 
 
+def culture_study_cmd(
+    out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (results.json, plots, report.html, atlas/)")],
+    model: ModelOpt = "default",
+    questions: Annotated[Optional[Path], typer.Option(help="your own questions JSONL (text, target, culture, split; "
+                                                           "culture 'control' for non-cultural ones)")] = None,
+    cultures: Annotated[str, typer.Option(help="comma-separated country codes of the built-in questions")] = "US,BR,FR,DE,JP,CN,IN,EG",
+    objective: Annotated[str, typer.Option(help="prob (CULNIG: max_t a*dp/da times p) or logprob (attribution patching)")] = "prob",
+    select_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="neurons per set, as a fraction of all")] = 0.01,
+    name_threshold: Annotated[float, typer.Option(help="exclude neurons whose |Cohen's d| on country names vs neutral words reaches this")] = 0.8,
+    max_test: Annotated[int, typer.Option(min=1, help="held-out questions evaluated per culture")] = 30,
+    n_texts: Annotated[int, typer.Option(min=1, help="English texts for the perplexity check")] = 40,
+    n_random: NRandomOpt = 20,
+    atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into (default OUT/atlas)")] = None,
+    seed: int = 0,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Find culture-general and culture-specific neurons by gradient attribution; suppress them."""
+    from neuronatlas.data.culture import CULTURES, load_questions
+    from neuronatlas.errors import DatasetError
+    from neuronatlas.studies.culture import CultureStudyConfig
+
+    rows = load_questions(questions) if questions else None
+    codes = tuple(c.strip().upper() for c in cultures.split(",") if c.strip())
+    bad = [c for c in codes if c not in CULTURES]
+    if rows is None and (bad or len(codes) < 2):
+        raise DatasetError(f"--cultures {cultures!r}: give at least two of {', '.join(CULTURES)}")
+    if objective not in ("prob", "logprob"):
+        raise DatasetError(f"--objective {objective!r} is not one of prob, logprob")
+    if name_threshold <= 0 or select_fraction <= 0:
+        raise DatasetError("--name-threshold and --select-fraction must be > 0")
+    cfg = CultureStudyConfig(cultures=codes, objective=objective, select_fraction=select_fraction,  # type: ignore[arg-type]
+                             name_threshold=name_threshold, max_test=max_test, n_texts=n_texts, n_random=n_random,
+                             seed=seed)
+    run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas, questions=rows)
+
+
 def register(study_app: typer.Typer) -> None:
     study_app.command("clamp")(clamp_study_cmd)
+    study_app.command("culture")(culture_study_cmd)
     study_app.command("relations")(relations_study_cmd)
