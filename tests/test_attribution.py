@@ -152,3 +152,25 @@ def test_bad_inputs_are_one_line_errors():
         AttributionScorer(lm).fit_record(object())
     with pytest.raises(DatasetError, match="choose objective"):
         attribute(lm, PROMPTS, TARGETS, objective="nope")  # type: ignore[arg-type]
+
+
+def test_attribution_scorer_in_the_relation_study(tmp_path):
+    """`--scorer attribution` in another study: the relation study selects by attribution on its
+    identification prompts and their gold objects."""
+    from neuronatlas.data.relations import build_relation_facts
+    from neuronatlas.studies.relations import RelationStudyConfig, _split_facts, concept_name, run_relation_study
+
+    lm = tiny_model("llama")
+    cfg = RelationStudyConfig(relations=("country_capital", "country_language"), langs=("en",), scorer="attribution",
+                              max_identify_facts=5, max_test_facts=3, n_random=1, grid=(0.5,), min_known=0,
+                              select_n=6, batch_size=8)
+    res = run_relation_study(lm, tmp_path / "study", cfg)
+    assert res["selection"]["method"] == "attribution"
+    facts = build_relation_facts(["country_capital", "country_language"], langs=["en"], n_test=50, seed=0)
+    ident, _, _ = _split_facts(facts, cfg)
+    concepts = ["country_capital", "country_language"]
+    want = AttributionScorer(lm).fit_prompts([r["text"] for r in ident], [r["target"] for r in ident],
+                                             [concepts.index(concept_name(r["relation"], r["lang"])) for r in ident])
+    for k, c in enumerate(concepts):
+        got = res["selection"]["neurons"][c]
+        assert got == [f"L{a}:{b}" for a, b in (divmod(int(f), lm.n_neurons) for f in want.top_indices(k, 6))]

@@ -210,6 +210,6 @@ def test_attribution_on_the_embedded_model(questions):
     flat = res.scores[0].ravel()
     worst = np.argsort(flat)[:20]           # removing them should help: -sum(attr) > 0
     ns = NeuronSet.of([divmod(int(j), lm.n_neurons) for j in worst], "mlp")
-    got = target_logprobs(lm, prompts[:1], rows[0]["target"][:2].split("|"), conditions=[(), (Ablate(ns),)])
+    got = target_logprobs(lm, prompts[:1], [rows[0]["target"]], conditions=[(), (Ablate(ns),)])
     assert float(got.logprob[1, 0]) > float(got.logprob[0, 0]), (got.logprob, -flat[worst].sum())
     assert torch.isfinite(got.logprob).all()

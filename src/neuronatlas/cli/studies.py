@@ -58,7 +58,8 @@ def relations_study_cmd(
     test_template: Annotated[int, typer.Option(min=0, help="template of the evaluated facts; identification never uses it")] = 0,
     share_templates: Annotated[bool, typer.Option(help="let identification use the test template too")] = False,
     few_shot: Annotated[int, typer.Option(min=0, max=32, help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
-    scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR) or lape (activation-probability entropy)")] = "ap",
+    scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR), lape (activation-probability "
+                                          "entropy) or attribution (activation x gradient of p(target), CULNIG)")] = "ap",
     select_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="neurons selected per relation, as a fraction of all")] = 0.01,
     select_n: Annotated[int, typer.Option(min=0, help="neurons selected per relation, as a count (overrides the fraction)")] = 0,
     tails: Annotated[str, typer.Option(help="top, or both (also the n/2 most negatively tuned)")] = "top",
@@ -83,7 +84,7 @@ def relations_study_cmd(
         chosen = tuple(x.strip() for x in langs.split(",") if x.strip())
     else:
         chosen = facts_languages(user_facts) if user_facts else ("en", "de", "fr", "es")
-    for name, value, allowed in (("--scorer", scorer, ("ap", "smd", "lape")), ("--tails", tails, ("top", "both")),
+    for name, value, allowed in (("--scorer", scorer, ("ap", "smd", "lape", "attribution")), ("--tails", tails, ("top", "both")),
                                  ("--mode", mode, ("zero", "median")), ("--site", site, ("mlp", "gate")),
                                  ("--pool", pool, ("mean", "last", "max"))):
         if value not in allowed:

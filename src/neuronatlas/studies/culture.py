@@ -262,7 +262,7 @@ class CultureStudy(Study[CultureStudyConfig]):
         if fast:
             logp = next_token_logprobs(lm, prompts, conditions=conds, batch_size=cfg.batch_size, prefixes=prefixes)
             gold_lp = torch.stack([logp[:, i, _first_token(lm, r["target"])] for i, r in enumerate(rows)], dim=1)
-            option = {ch: logp[:, :, int(t)] for ch, t in zip(letters, single)}         # (C, P) each
+            option = {ch: logp[:, :, t] for ch, t in zip(letters, single) if t is not None}   # (C, P) each
         if not fast or not all(choices):
             # a tokenizer that splits " A", or free-text targets: score by teacher forcing (exact = greedy match)
             gold = score([r["target"] for r in rows])
