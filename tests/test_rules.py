@@ -72,3 +72,22 @@ def test_layer_concentration_binomial() -> None:
     # thousands of neurons make a one-point excess 'significant'; the effect-size threshold says no
     big = rules.layer_concentration({"r": [4200, 4600, 4200]}, alpha=0.05)
     assert big.numbers["p"] < 0.05 and big.holds is False and "ratio 1.06" in big.text
+
+
+def test_ability_holds_only_without_harm_beyond_chance() -> None:
+    ok = {"facts": _cmp(0.88, 0.3, 0.4), "text": _cmp(0.9, 0.5, 0.9)}
+    f = rules.ability_holds("ab", "A", ok, alpha=0.05, what="With X suppressed")
+    assert f.holds is True and f.numbers["harmed"] == [] and "0 of 2 checks" in f.text
+    # significant against the unmodified model but inside the random sets: ordinary, not harm
+    inside = {"facts": _cmp(0.5, 0.4, 0.001), "text": _cmp(0.9, 0.5, 0.9)}
+    assert rules.ability_holds("ab", "A", inside, alpha=0.05, what="X").holds is True
+    # significant and beyond the random sets: harmed
+    harmed = {"facts": _cmp(0.5, 1 / 21, 0.001), "text": _cmp(0.9, 0.5, 0.9)}
+    g = rules.ability_holds("ab", "A", harmed, alpha=0.05, what="X")
+    assert g.holds is False and g.numbers["harmed"] == ["facts"] and "(facts)" in g.text
+    # without random sets the paired test alone decides; BH over the checks
+    bare = {"a": _cmp(0.5, math.nan, 0.01, n_random=0), "b": _cmp(0.5, math.nan, 0.04, n_random=0),
+            "c": _cmp(0.5, math.nan, 0.9, n_random=0)}
+    h = rules.ability_holds("ab", "A", bare, alpha=0.05, what="X")
+    assert h.numbers["harmed"] == ["a"] and h.holds is False
+    assert rules.ability_holds("ab", "A", {}, alpha=0.05, what="X").holds is None

@@ -58,7 +58,8 @@ def relations_study_cmd(
     test_template: Annotated[int, typer.Option(min=0, help="template of the evaluated facts; identification never uses it")] = 0,
     share_templates: Annotated[bool, typer.Option(help="let identification use the test template too")] = False,
     few_shot: Annotated[int, typer.Option(min=0, max=32, help="demonstrations prefixed to evaluation prompts (0: zero-shot)")] = 0,
-    scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR) or lape (activation-probability entropy)")] = "ap",
+    scorer: Annotated[str, typer.Option(help="ap (average precision), smd (Cohen's d + FDR), lape (activation-probability "
+                                          "entropy) or attribution (activation x gradient of p(target), CULNIG)")] = "ap",
     select_fraction: Annotated[float, typer.Option(min=0.0, max=1.0, help="neurons selected per relation, as a fraction of all")] = 0.01,
     select_n: Annotated[int, typer.Option(min=0, help="neurons selected per relation, as a count (overrides the fraction)")] = 0,
     tails: Annotated[str, typer.Option(help="top, or both (also the n/2 most negatively tuned)")] = "top",
@@ -85,7 +86,7 @@ def relations_study_cmd(
         chosen = tuple(x.strip() for x in langs.split(",") if x.strip())
     else:
         chosen = facts_languages(user_facts) if user_facts else ("en", "de", "fr", "es")
-    for name, value, allowed in (("--scorer", scorer, ("ap", "smd", "lape")), ("--tails", tails, ("top", "both")),
+    for name, value, allowed in (("--scorer", scorer, ("ap", "smd", "lape", "attribution")), ("--tails", tails, ("top", "both")),
                                  ("--mode", mode, ("zero", "median")), ("--site", site, ("mlp", "gate")),
                                  ("--pool", pool, ("mean", "last", "max"))):
         if value not in allowed:
@@ -130,6 +131,43 @@ def clamp_study_cmd(
     run_study_cli(config, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)
 
 
+def culture_study_cmd(
+    out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (results.json, plots, report.html, atlas/)")],
+    model: ModelOpt = "default",
+    questions: Annotated[Optional[Path], typer.Option(help="your own questions JSONL (text, target, culture, split; "
+                                                           "culture 'control' for non-cultural ones)")] = None,
+    cultures: Annotated[str, typer.Option(help="comma-separated country codes of the built-in questions")] = "US,BR,FR,DE,JP,CN,IN,EG",
+    objective: Annotated[str, typer.Option(help="prob (CULNIG: max_t a*dp/da times p) or logprob (attribution patching)")] = "prob",
+    select_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="neurons per set, as a fraction of all")] = 0.01,
+    name_threshold: Annotated[float, typer.Option(help="exclude neurons whose |Cohen's d| on country names vs neutral words reaches this")] = 0.8,
+    max_test: Annotated[int, typer.Option(min=1, help="held-out questions evaluated per culture")] = 16,
+    n_texts: Annotated[int, typer.Option(min=1, help="English texts for the perplexity check")] = 16,
+    n_random: NRandomOpt = 20,
+    atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into (default OUT/atlas)")] = None,
+    seed: int = 0,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Find culture-general and culture-specific neurons by gradient attribution; suppress them."""
+    from neuronatlas.data.culture import CULTURES, load_questions
+    from neuronatlas.errors import DatasetError
+    from neuronatlas.studies.culture import CultureStudyConfig
+
+    rows = load_questions(questions) if questions else None
+    codes = tuple(c.strip().upper() for c in cultures.split(",") if c.strip())
+    bad = [c for c in codes if c not in CULTURES]
+    if rows is None and (bad or len(codes) < 2):
+        raise DatasetError(f"--cultures {cultures!r}: give at least two of {', '.join(CULTURES)}")
+    if objective not in ("prob", "logprob"):
+        raise DatasetError(f"--objective {objective!r} is not one of prob, logprob")
+    if name_threshold <= 0 or select_fraction <= 0:
+        raise DatasetError("--name-threshold and --select-fraction must be > 0")
+    cfg = CultureStudyConfig(cultures=codes, objective=objective, select_fraction=select_fraction,  # type: ignore[arg-type]
+                             name_threshold=name_threshold, max_test=max_test, n_texts=n_texts, n_random=n_random,
+                             seed=seed)
+    run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas, questions=rows)
+
+
 def register(study_app: typer.Typer) -> None:
     study_app.command("clamp")(clamp_study_cmd)
+    study_app.command("culture")(culture_study_cmd)
     study_app.command("relations")(relations_study_cmd)

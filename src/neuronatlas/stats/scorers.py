@@ -13,7 +13,8 @@ attributes end in ``_``). All are vectorised over every neuron at once.
 neurons), or flattened to (prompts, neurons) for one layer); concept ``k`` is "prompt has label k"
 against all other prompts.
 
-Every scorer (AP, SMD here; LAPE in :mod:`neuronatlas.stats.lape`) shares one interface,
+Every scorer (AP, SMD here; LAPE in :mod:`neuronatlas.stats.lape`; gradient attribution in
+:mod:`neuronatlas.stats.attribution`, which needs the model and gold targets) shares one interface,
 :class:`ConceptScorer`: ``fit(...)`` or ``fit_record(record, concepts)`` return ``self``;
 ``scores_`` is (concepts, neurons) with higher meaning more specific (-inf where a scorer excludes a
 neuron); ``top_indices(concept, n, tails)`` gives flat indices best first and ``select(concept, n,
@@ -34,7 +35,7 @@ from neuronatlas.errors import DatasetError
 from neuronatlas.intervene.neurons import NeuronSet
 from neuronatlas.stats.inference import benjamini_hochberg
 
-__all__ = ["APScorer", "SMDScorer", "ConceptScorer", "SCORERS", "average_precision", "benjamini_hochberg", "top_n",
+__all__ = ["APScorer", "SMDScorer", "ConceptScorer", "SCORERS", "MODEL_SCORERS", "average_precision", "benjamini_hochberg", "top_n",
            "scorer"]
 
 Tails = Literal["top", "both"]
@@ -252,10 +253,13 @@ class SMDScorer(ConceptScorer):
         return torch.as_tensor(neg)
 
 
-def scorer(name: str, **params: Any) -> ConceptScorer:
-    """A scorer by name (``ap``, ``smd``, ``lape``), with its parameters."""
+def scorer(name: str, *, lm: Any = None, **params: Any) -> ConceptScorer:
+    """A scorer by name (``ap``, ``smd``, ``lape``, ``attribution``), with its parameters. Scorers in
+    :data:`MODEL_SCORERS` (gradient attribution) also get the model ``lm``; the others ignore it."""
     if name not in SCORERS:
         raise DatasetError(f"unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}")
+    if name in MODEL_SCORERS:
+        params["lm"] = lm
     return SCORERS[name](**params)
 
 
@@ -265,7 +269,15 @@ def _lape(**params: Any) -> ConceptScorer:
     return LAPEScorer(**params)
 
 
-SCORERS: dict[str, Callable[..., ConceptScorer]] = {"ap": APScorer, "smd": SMDScorer, "lape": _lape}
+def _attribution(**params: Any) -> ConceptScorer:
+    from neuronatlas.stats.attribution import AttributionScorer
+
+    return AttributionScorer(**params)
+
+
+SCORERS: dict[str, Callable[..., ConceptScorer]] = {"ap": APScorer, "smd": SMDScorer, "lape": _lape,
+                                                    "attribution": _attribution}
+MODEL_SCORERS = frozenset({"attribution"})     # scorers that run the model (fit_prompts), not a record
 
 
 def _group_means(x: np.ndarray, labels: np.ndarray, groups: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:

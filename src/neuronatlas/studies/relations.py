@@ -39,7 +39,7 @@ from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
 from neuronatlas.record import RecordConfig, record
 from neuronatlas.stats.inference import magnitude_bins
-from neuronatlas.stats.scorers import scorer
+from neuronatlas.stats.scorers import MODEL_SCORERS, scorer
 from neuronatlas.studies.common import jaccard
 from neuronatlas.studies.framework import (
     Arm, Context, Grid, Measured, Outcome, ProgressFn, Selection, Study, StudyConfig, StudyResult, register_study, run,
@@ -64,7 +64,7 @@ class RelationStudyConfig(StudyConfig):
     share_templates: bool = False                # True: identification also uses the test template
     site: Literal["mlp", "gate"] = "mlp"
     pool: Literal["mean", "last", "max"] = "mean"
-    scorer: Literal["ap", "smd", "lape"] = "ap"
+    scorer: Literal["ap", "smd", "lape", "attribution"] = "ap"   # attribution: gradient x activation on the targets
     select_fraction: float = 0.01                # of all neurons, per relation
     select_n: int | None = None                  # overrides select_fraction
     tails: Literal["top", "both"] = "top"
@@ -243,7 +243,7 @@ class RelationStudy(Study[RelationStudyConfig]):
             compare = lang == cfg.eval_lang
             names = [cfg.scorer] + ([n for n in ("ap", "smd", "lape") if n != cfg.scorer] if compare else [])
             # templates of one fact are pseudo-replicates: scorers that test (SMD) average them per fact
-            fitted = {n: scorer(n).fit_record(rec, local, groups=facts_of) for n in names}
+            fitted = {n: _fit(n, lm, rec, local, facts_of, ident, cfg) for n in names}
             main = fitted[cfg.scorer]
             for c, concept in enumerate(local):
                 flat = np.asarray(main.scores_[c], dtype=np.float64)
@@ -363,6 +363,20 @@ def interference_candidate(measured: Measured, key: str, baseline: str, alpha: f
     p < ``alpha``: the pairs that can still pass the interference rule and so get random sets."""
     c = measured.compare(key, HEADLINE, baseline=baseline, alternative="greater")
     return c.delta > 0 and c.p_vs_unmodified < alpha
+
+
+def _fit(name: str, lm: LoadedModel, rec: Any, concepts: list[str], groups: list[Any], ident: list[dict[str, Any]],
+         cfg: RelationStudyConfig) -> Any:
+    """Fit scorer ``name`` on the identification prompts of ``concepts``: from the record, or, for a
+    scorer that runs the model (gradient attribution), on the prompts and their gold targets."""
+    if name not in MODEL_SCORERS:
+        return scorer(name).fit_record(rec, concepts, groups=groups)
+    rows = [r for r in ident if concept_name(r["relation"], r["lang"]) in concepts]
+    fitted = scorer(name, lm=lm, component=cfg.site)
+    fitted.fit_prompts([r["text"] for r in rows], [r["target"] for r in rows],  # type: ignore[attr-defined]
+                       [concepts.index(concept_name(r["relation"], r["lang"])) for r in rows])
+    fitted.concepts_ = list(concepts)
+    return fitted
 
 
 def _median_positive(rec: Any, selection: Selection) -> dict[str, dict[tuple[int, int], float]]:

@@ -22,7 +22,8 @@ from neuronatlas.report.model import Finding
 from neuronatlas.stats.inference import benjamini_hochberg
 from neuronatlas.studies.framework import Comparison
 
-__all__ = ["selected_vs_random", "dose_response_finding", "interference", "layer_concentration", "pct", "num"]
+__all__ = ["selected_vs_random", "dose_response_finding", "interference", "layer_concentration", "ability_holds", "pct",
+           "num"]
 
 
 def pct(x: float | None) -> str:
@@ -156,3 +157,26 @@ def _fin(x: Any) -> float:
     except (TypeError, ValueError):
         return math.nan
     return v
+
+
+def ability_holds(key: str, title: str, comps: Mapping[str, Comparison], *, alpha: float, what: str) -> Finding:
+    """General ability holds when no check shows harm beyond chance. A check (each ``Comparison``,
+    one-sided in the harmful direction: ``alternative`` 'less' for accuracy, 'greater' for NLL) is
+    harmed when its paired test against the unmodified model is significant after Benjamini-Hochberg
+    over the checks (q < ``alpha``) and, where it has random sets, the selected arm is also beyond
+    them (empirical p <= ``alpha``). Holds when no check is harmed."""
+    names = [c for c, v in comps.items() if math.isfinite(v.selected)]
+    p = np.array([comps[c].p_vs_unmodified for c in names], dtype=float)
+    sig = benjamini_hochberg(np.where(np.isfinite(p), p, 1.0), alpha) if names else np.zeros(0, dtype=bool)
+    harmed = [c for i, c in enumerate(names) if sig[i] and (comps[c].n_random == 0 or comps[c].p_vs_random <= alpha)]
+    parts = [f"{c}: {num(comps[c].selected, '.3g')} vs {num(comps[c].baseline, '.3g')} unmodified"
+             + (f", random {num(comps[c].random_mean, '.3g')}" if comps[c].n_random else "") for c in names]
+    text = (f"{what}: {'; '.join(parts)}. {len(harmed)} of {len(names)} checks are harmed beyond chance"
+            + (f" ({', '.join(harmed)})" if harmed else "") + ".")
+    return Finding(key, title, text,
+                   rule=f"a check is harmed when the one-sided paired test vs the unmodified model has BH q < {alpha} "
+                        f"over the checks and, with random sets, empirical p <= {alpha}; holds when none is harmed",
+                   holds=None if not names else not harmed,
+                   numbers={"harmed": harmed, "checks": names,
+                            "selected": {c: comps[c].selected for c in names},
+                            "unmodified": {c: comps[c].baseline for c in names}})
