@@ -140,7 +140,7 @@ def culture_study_cmd(
     objective: Annotated[str, typer.Option(help="prob (CULNIG: max_t a*dp/da times p) or logprob (attribution patching)")] = "prob",
     select_fraction: Annotated[float, typer.Option(min=0.0, max=0.5, help="neurons per set, as a fraction of all")] = 0.01,
     name_threshold: Annotated[float, typer.Option(help="exclude neurons whose |Cohen's d| on country names vs neutral words reaches this")] = 0.8,
-    max_test: Annotated[int, typer.Option(min=1, help="held-out questions evaluated per culture")] = 16,
+    max_test: Annotated[int, typer.Option(min=1, help="held-out questions evaluated per culture")] = 12,
     n_texts: Annotated[int, typer.Option(min=1, help="English texts for the perplexity check")] = 16,
     n_random: NRandomOpt = 20,
     atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into (default OUT/atlas)")] = None,

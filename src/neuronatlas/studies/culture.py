@@ -67,7 +67,7 @@ class CultureStudyConfig(StudyConfig):
     select_fraction: float = 0.01                  # of all MLP neurons, per set
     name_threshold: float = 0.8                    # |Cohen's d| on country names vs neutral words to exclude
     test_fraction: float = 0.6                     # built-in questions held out per culture
-    max_test: int = 16                             # held-out questions evaluated per culture
+    max_test: int = 12                             # held-out questions evaluated per culture
     cross_test: int = 6                            # of them, evaluated under every other culture's neurons
     max_control: int = 40                          # control questions attributed (the subtracted baseline)
     max_facts: int = 24                            # non-cultural test questions evaluated (general ability)
