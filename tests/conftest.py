@@ -44,3 +44,22 @@ def write_jsonl(tmp_path: Path):
         return path
 
     return _write
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny Llama saved as a Hugging Face folder, for the CLI's --model PATH."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = tiny_model("llama")
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *args):
+    """Run the CLI in-process: (exit code, stdout, stderr)."""
+    from neuronatlas.cli.main import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -5,24 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from neuronatlas.cli.main import main
-from neuronatlas.models.tiny import tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-def _run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli as _run   # one CLI runner (and the model_dir fixture) for every CLI test
 
 
 def test_models_and_inspect(capsys, model_dir):

@@ -9,7 +9,6 @@ import json
 import pytest
 import torch
 
-from neuronatlas.cli.main import main
 from neuronatlas.decompose import LogitTarget, NeuronTarget, Source, propagate, trace_ids, trace_prompt
 from neuronatlas.decompose.ablation import ablated_logits, logit_diffs
 from neuronatlas.decompose.attribution import component_attribution, parse_component, sources_for, token_attribution
@@ -241,19 +240,7 @@ def test_circuit_loop_on_a_tiny_model():
 
 
 # --- CLI -----------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-cdt")
-    lm = tiny_model("llama")
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
-def _run(capsys, *args):
-    code = main(list(args))
-    out = capsys.readouterr()
-    return code, out.out, out.err
+from conftest import run_cli as _run  # noqa: E402  (model_dir: the fixture in conftest)
 
 
 def test_cli_decompose(capsys, model_dir, tmp_path):
