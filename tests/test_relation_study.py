@@ -175,3 +175,22 @@ def test_few_shot_demonstrations_are_one_fixed_prefix_per_relation_and_template(
     cached = state["arm|baseline|r1"]["logprob"]
     assert len(cached) == len(test["r1"]) and res["baseline_table"]["r1"]["facts"] == len(test["r1"])
     np.testing.assert_allclose(cached[:3], plain.logprob[0].tolist(), atol=1e-3)
+
+
+def test_facts_files_share_the_jsonl_reader_and_its_one_line_errors(tmp_path):
+    from neuronatlas.errors import DatasetError
+    from neuronatlas.studies.relations import load_facts
+
+    good = '{"text": "The capital of France is", "target": " Paris", "relation": "r", "split": "test"}'
+    for lines, message in ((["[1, 2]"], r"f\.jsonl:1: each line must be a JSON object with text, target"),
+                           ([good, "{oops"], r"f\.jsonl:2: bad JSON"),
+                           ([good, '{"text": "x"}'], r"f\.jsonl:2 \(field 'target'\): missing 'target'")):
+        (tmp_path / "f.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        with pytest.raises(DatasetError, match=message):
+            load_facts(tmp_path / "f.jsonl")
+    (tmp_path / "f.jsonl").write_bytes(good.encode() + b"\n\xff\n")
+    with pytest.raises(DatasetError, match=r"f\.jsonl:2: not UTF-8") as err:
+        load_facts(tmp_path / "f.jsonl")
+    assert "--skip-bad" not in str(err.value)          # load_facts has no such flag
+    (tmp_path / "f.jsonl").write_text(good + "\n\n", encoding="utf-8")
+    assert load_facts(tmp_path / "f.jsonl")[0]["fact_id"] == "r:en:1"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as _dt
 import functools
 import importlib.metadata
-import json
 import random
 import re
 from collections.abc import Sequence
@@ -92,6 +91,7 @@ def _holidays(code: str, year: int) -> dict[str, _dt.date]:
     try:
         table = hol.country_holidays(code, years=year, language="en_US")
     except (NotImplementedError, KeyError, ValueError):
+        # countries whose holidays have no en_US translation in the package: its default names
         table = hol.country_holidays(code, years=year)
     out: dict[str, _dt.date] = {}
     for day, name in sorted(table.items()):
@@ -265,22 +265,15 @@ def load_questions(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.is_file():
         raise DatasetError("questions file not found; check --questions", path=str(p))
+    from neuronatlas.data.prompts import SPLIT_NAMES, read_jsonl_objects
+
     rows: list[dict[str, Any]] = []
-    splits = {"identify": "identify", "train": "identify", "test": "test", "dev": "test"}
-    for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"bad JSON ({exc.msg}); write one JSON object per line", path=str(p), line=n) from None
-        if not isinstance(row, dict):
-            raise DatasetError("each line must be a JSON object with text, target, culture, split", path=str(p), line=n)
+    for n, row in read_jsonl_objects(p, "text, target, culture, split"):
         for name in ("text", "target", "culture", "split"):
             if not isinstance(row.get(name), str) or not row[name].strip():
                 raise DatasetError(f"missing {name!r}; each row needs text, target, culture and split", path=str(p),
                                    line=n, field=name)
-        split = splits.get(row["split"].strip().lower())
+        split = SPLIT_NAMES.get(row["split"].strip().lower())
         if split is None:
             raise DatasetError(f"split {row['split']!r} is not identify/train or test/dev", path=str(p), line=n,
                                field="split")

@@ -21,7 +21,10 @@ from typing import Any
 
 from neuronatlas.errors import DatasetError
 
-__all__ = ["Prompt", "PromptSet", "load_prompts", "OPTIONAL_FIELDS"]
+__all__ = ["Prompt", "PromptSet", "load_prompts", "OPTIONAL_FIELDS", "read_jsonl_objects", "SPLIT_NAMES"]
+
+# users' split names -> the two a study uses (neurons found on "identify", effects measured on "test")
+SPLIT_NAMES = {"identify": "identify", "train": "identify", "test": "test", "dev": "test"}
 
 OPTIONAL_FIELDS = ("target", "subject", "lang", "split")
 
@@ -159,7 +162,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _read_jsonl(path: Path, bad_json: list[tuple[int, str]] | None) -> tuple[list[Any], list[int]]:
+def read_jsonl_objects(path: str | Path, fields: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for every non-blank line of a JSONL file. A line that is not UTF-8, not
+    JSON, or not a JSON object raises a one-line :class:`DatasetError` naming the file and line;
+    ``fields`` names what a row holds, for that message (e.g. "text, target, relation, split")."""
+    rows, numbers = _read_jsonl(Path(path), None, skip_flag=False)
+    for line_no, row in zip(numbers, rows):
+        if not isinstance(row, dict):
+            raise DatasetError(f"each line must be a JSON object with {fields}", path=str(path), line=line_no)
+    return list(zip(numbers, rows))
+
+
+def _read_jsonl(path: Path, bad_json: list[tuple[int, str]] | None, skip_flag: bool = True
+                ) -> tuple[list[Any], list[int]]:
+    skip = " or pass --skip-bad" if skip_flag else ""
     rows: list[Any] = []
     numbers: list[int] = []
     with open(path, "rb") as fh:
@@ -172,9 +188,9 @@ def _read_jsonl(path: Path, bad_json: list[tuple[int, str]] | None) -> tuple[lis
                 numbers.append(line_no)
             except UnicodeDecodeError as exc:
                 problem = (f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
-                           "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8) or pass --skip-bad")
+                           f"re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8){skip}")
             except ValueError as exc:  # JSONDecodeError, or a number too large to convert
-                problem = (f"bad JSON ({getattr(exc, 'msg', None) or _first_line(exc)})", "fix the line or pass --skip-bad")
+                problem = (f"bad JSON ({getattr(exc, 'msg', None) or _first_line(exc)})", f"fix the line{skip}")
             else:
                 continue
             if bad_json is None:

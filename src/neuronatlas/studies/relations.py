@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from neuronatlas.data.prompts import PromptSet
+from neuronatlas.data.prompts import SPLIT_NAMES, PromptSet, read_jsonl_objects
 from neuronatlas.errors import DatasetError
 from neuronatlas.evaluate.core import target_logprobs
 from neuronatlas.intervene import Ablate, Clamp, NeuronSet
@@ -93,13 +93,7 @@ def load_facts(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if not p.exists():
         raise DatasetError("facts file not found; check --facts", path=str(p))
-    for line_no, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"bad JSON ({exc.msg})", path=str(p), line=line_no) from None
+    for line_no, row in read_jsonl_objects(p, "text, target, relation, split"):
         for name in ("text", "target", "relation", "split"):
             if not isinstance(row.get(name), str):
                 raise DatasetError(f"missing {name!r}; facts need text, target, relation, split", path=str(p),
@@ -118,7 +112,6 @@ def _sample_facts(rows: list[dict[str, Any]], limit: int, seed: int) -> list[dic
     return [r for r in rows if r["fact_id"] in keep]
 
 
-SPLIT_NAMES = {"identify": "identify", "train": "identify", "test": "test", "dev": "test"}
 
 
 def _split_facts(facts: list[dict[str, Any]], cfg: RelationStudyConfig
