@@ -203,3 +203,21 @@ def test_file_size_limit_is_one_line_and_keeps_the_atlas(env, tmp_path, capsys):
     assert {p: p.read_bytes() for p in atlas.rglob("*") if p.is_file()} == before
     assert main(["query", str(atlas), "SELECT count(*) AS n FROM prompts", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == [{"n": 6}]
+
+
+def test_reopening_an_atlas_removes_temporaries_a_killed_writer_left(tmp_path):
+    """A SIGKILL between atomic_path's mkstemp and its rename leaves `.<name>.<random>.tmp`; the
+    next writer to open the atlas removes it and leaves every real file as it was."""
+    from neuronatlas.store.atlas import Atlas
+
+    model = {"model": "m", "file_sha256": "abc"}
+    atlas = Atlas.create(tmp_path / "a", model=model)
+    before = atlas.manifest_path.read_text()
+    (tmp_path / "a/records/r").mkdir(parents=True)
+    stale = [tmp_path / "a/.manifest.json.k2j4.tmp", tmp_path / "a/records/r/.stats.parquet.x9.tmp"]
+    for p in stale:
+        p.write_text("half a file")
+    (tmp_path / "a/records/r/keep.tmp").write_text("not ours")       # not atomic_path's pattern
+    Atlas.create(tmp_path / "a", model=model)
+    assert not any(p.exists() for p in stale) and (tmp_path / "a/records/r/keep.tmp").exists()
+    assert atlas.manifest_path.read_text() == before

@@ -95,6 +95,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def _sweep_temporaries(folder: Path) -> None:
+    """Remove the temporary files of :func:`atomic_path` (``.<name>.<random>.tmp``) that a killed
+    writer left in ``folder``; the files they were to replace are intact. Called when a writer
+    reopens an atlas (one writer per atlas at a time)."""
+    for tmp in folder.rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
@@ -154,6 +163,7 @@ class Atlas:
                     f"atlas {str(path)!r} belongs to model {existing.get('model')!r} "
                     f"({_identity(existing)}); choose another --out directory"
                 )
+            _sweep_temporaries(atlas.path)
             return atlas
         try:
             atlas.path.mkdir(parents=True, exist_ok=True)
