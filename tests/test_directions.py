@@ -268,3 +268,18 @@ def test_cli_fit_errors(tmp_path, capsys, model_dir, write_jsonl):
     code, _, err = run_cli(capsys, "directions", "fit", "--model", str(model_dir), "--data", str(data),
                            "--method", "svm", "--out", str(tmp_path / "d.npz"))
     assert code == 2 and "unknown --method 'svm'" in err
+
+
+def test_pca_on_minimal_pairs_cancels_shared_variance():
+    """A huge shared nuisance axis defeats random pairing but cancels within minimal pairs."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 24, 150
+    concept, nuisance = torch.eye(d)[2], torch.eye(d)[7]
+    base = torch.randn(n, 1, d, generator=gen) * 0.3 + 20 * torch.randn(n, 1, 1, generator=gen) * nuisance
+    pos, neg = base + 0.5 * concept, base - 0.5 * concept
+    paired = fit_direction(pos, neg, method="pca", paired=True)
+    unpaired = fit_direction(pos, neg, method="pca")
+    assert float(paired.vectors[0] @ concept) > 0.95
+    assert abs(float(unpaired.vectors[0] @ concept)) < 0.5
+    with pytest.raises(DatasetError, match="as many concept as other"):
+        fit_direction(pos, neg[:-1], method="pca", paired=True)
