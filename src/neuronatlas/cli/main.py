@@ -15,6 +15,7 @@ from neuronatlas.cli import web
 from neuronatlas.cli import decode as decode_cli
 from neuronatlas.cli import decompose as decompose_cli
 from neuronatlas.cli import explain as explain_cli
+from neuronatlas.cli import features as features_cli
 from neuronatlas.cli.common import err_console
 from neuronatlas.errors import NeuronAtlasError
 
@@ -44,6 +45,7 @@ web.register(app)
 decode_cli.register(app)
 explain_cli.register(app)
 decompose_cli.register(app)
+features_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,90 @@
+"""``neuronatlas features`` (SNMF features of every layer) and ``neuronatlas select-data``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from neuronatlas.cli.common import (
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelOpt,
+    console,
+    emit,
+    load_model_cli,
+    out_dir,
+    phase_progress,
+)
+from neuronatlas.cli.explain import _corpus
+
+__all__ = ["register"]
+
+
+def _corpus_arg(corpus: list[str] | None, max_docs: int | None, seed: int, text_field: str) -> tuple[Any, str, dict]:
+    paths = [Path(c) for c in corpus or [] if c != "default"]
+    if corpus and "default" in corpus and paths:
+        from neuronatlas.errors import DatasetError
+
+        raise DatasetError("--corpus default cannot be mixed with files; give either 'default' or file paths")
+    return _corpus(paths or None, max_docs, seed, text_field)
+
+
+def features_cmd(
+    out: Annotated[Path, typer.Option(parser=out_dir, help="atlas directory (created if missing)")],
+    model: ModelOpt = "default",
+    corpus: Annotated[list[str] | None, typer.Option(help="'default' (the built-in offline corpus) or .txt/.jsonl/"
+                                                        ".parquet files (repeatable)")] = None,
+    k: Annotated[int, typer.Option(min=1, help="features per layer")] = 64,
+    l1: Annotated[float, typer.Option(min=0.0, help="L1 weight on the codes, relative to the mean token norm")] = 0.02,
+    max_docs: Annotated[int | None, typer.Option(min=1, help="read at most N documents (default corpus: 400)")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="top exemplars kept per feature")] = 20,
+    site: Annotated[str, typer.Option(help="mlp (down-projection input) or gate")] = "mlp",
+    batch_size: Annotated[int, typer.Option(min=1, help="documents per forward pass")] = 8,
+    max_length: Annotated[int, typer.Option(min=1, help="tokens per document, longer ones are cut")] = 128,
+    seed: Annotated[int, typer.Option(help="seed of the initial features and of the default corpus")] = 0,
+    text_field: str = "text",
+    force: Annotated[bool, typer.Option(help="rebuild a damaged atlas manifest")] = False,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """SNMF features of every layer's MLP activations: two streaming passes (fit, then encode), with
+    reconstruction error and sparsity per layer, exemplars and decoded tokens per feature."""
+    from neuronatlas.features import FeatureConfig, fit_features, write_features
+
+    config = FeatureConfig(k=k, l1=l1, component=site, top_k=top_k, batch_size=batch_size,  # type: ignore[arg-type]
+                           max_length=max_length, seed=seed)
+    docs, name, meta = _corpus_arg(corpus, max_docs or (400 if not corpus or corpus == ["default"] else None),
+                                   seed, text_field)
+    lm = load_model_cli(model, dtype, device, quiet=as_json)
+    t0 = time.perf_counter()
+    total = len(docs) if isinstance(docs, list) else 0
+    with phase_progress(enabled=not as_json) as tick:
+        done: dict[str, int] = {}
+
+        def progress(phase: str, n: int) -> None:
+            done[phase] = done.get(phase, 0) + n
+            tick(f"{phase} (docs)", done[phase], total or done[phase])
+
+        run = fit_features(lm, docs, config, max_docs=max_docs, progress=progress)
+    info = write_features(out, lm, run, docs, config=config, corpus_name=name, max_docs=max_docs, force=force)
+    info |= {"atlas": str(out), "seconds_total": round(time.perf_counter() - t0, 3), "corpus_meta": meta}
+
+    def render(d: dict[str, Any]) -> None:
+        table = Table(title=f"SNMF features: {d['k']} per layer, {d['tokens']} tokens from {d['docs']} documents")
+        for col in ("layer", "FVU", "rel. error", "L0 (active/token)", "dead"):
+            table.add_column(col, justify="right")
+        for layer, s in enumerate(d["layers"]):
+            table.add_row(str(layer), f"{s['fvu']:.3f}", f"{s['relative_error']:.3f}", f"{s['l0']:.1f}", str(s["dead"]))
+        console.print(table)
+        console.print(f"mean FVU {d['mean_fvu']:.3f}, mean L0 {d['mean_l0']:.1f}; fit {d['seconds']['fit']} s, "
+                      f"encode {d['seconds']['encode']} s, total {d['seconds_total']} s; written to {d['atlas']}")
+
+    emit({k_: v for k_, v in info.items() if k_ != "corpus_meta"}, as_json, render)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("features")(features_cmd)
