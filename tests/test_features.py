@@ -149,7 +149,8 @@ def test_write_features_tables_and_readers(llama, tmp_path):
                       "ORDER BY rank").to_pylist()
     assert [r["rank"] for r in dec] == list(range(10)) and dec[0]["score"] >= dec[-1]["score"]
     ex = read_feature_exemplars(store, 1, 2)
-    assert ex.neuron == 2 and len(ex.top) == 2
+    assert ex.neuron == 2 and len(ex.top) == 2 and len(ex.random) == 5
+    assert all(e.activation <= ex.top[0].activation for e in ex.random)
     assert ex.top[0].activation == pytest.approx(float(run.top[1].top.values[2, 0]), rel=1e-5)
     assert ex.top[0].acts[ex.top[0].center] == pytest.approx(ex.top[0].activation, rel=1e-5)
     docs_rows = store.query("SELECT doc_id FROM feature_docs").to_pylist()
@@ -196,6 +197,18 @@ def test_features_cli_and_errors(capsys, model_dir, tmp_path, write_jsonl):
     info = json.loads(out)
     assert info["k"] == 3 and info["docs"] == 6 and len(info["layers"]) == 2
     assert all(0 <= layer["fvu"] and layer["l0"] >= 0 for layer in info["layers"])
+    code, out, err = run_cli(capsys, "explain-features", "--atlas", str(tmp_path / "a"), "--features", "L1:0-1",
+                             "--explainer-model", str(model_dir), "--candidates", "2", "--json")
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [(r["layer"], r["feature"]) for r in rows] == [(1, 0), (1, 1)]
+    assert all(r["explanation"] and -1 <= r["score"] <= 1 for r in rows)
+    assert rows[0]["baseline_from"] == "L1:1"                   # the other feature's explanation
+    stored = Atlas.open(tmp_path / "a").query("SELECT layer, feature FROM feature_explanations").to_pylist()
+    assert len(stored) == 2
+    code, _, err = run_cli(capsys, "explain-features", "--atlas", str(tmp_path / "a"), "--features", "L1:7",
+                           "--explainer-model", str(model_dir))
+    assert code == 2 and "L1:7" in err.replace("\n", "")
     code, _, err = run_cli(capsys, "features", "--model", str(model_dir), "--corpus", str(tmp_path / "nope.jsonl"),
                            "--out", str(tmp_path / "b"))
     assert code == 2 and "not found" in err and "Traceback" not in err

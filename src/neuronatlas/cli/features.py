@@ -86,5 +86,44 @@ def features_cmd(
     emit({k_: v for k_, v in info.items() if k_ != "corpus_meta"}, as_json, render)
 
 
+def explain_features_cmd(
+    atlas: Annotated[Path, typer.Option(help="atlas with SNMF features (neuronatlas features)")],
+    features: Annotated[str, typer.Option(help="selector as for neurons, indices being features: L12:3, L3:0-4, L7:*")],
+    explainer_model: Annotated[str, typer.Option(help="local explainer and simulator/PMI model")] = "default",
+    candidates: Annotated[int, typer.Option(min=1, help="candidate explanations per feature")] = 3,
+    seed: int = 0,
+    n_top: Annotated[int, typer.Option(min=1, help="top exemplars shown and scored")] = 5,
+    n_random: Annotated[int, typer.Option(min=0, help="random exemplars scored")] = 5,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Explain SNMF features with the explain pipeline (explain, PMI rerank, simulate and score, baseline)."""
+    from neuronatlas.cli.common import progress_bar
+    from neuronatlas.explain.backends import LocalExplainer
+    from neuronatlas.explain.pipeline import ExplainConfig
+    from neuronatlas.features import features_info
+    from neuronatlas.features.explain import explain_features
+    from neuronatlas.intervene.neurons import NeuronSet
+
+    info = features_info(atlas)
+    pairs = NeuronSet.parse(features, info["site"], n_neurons=info["k"]).validate(info["n_layers"], info["k"]).pairs
+    scorer = load_model_cli(explainer_model, dtype, device, quiet=as_json)
+    config = ExplainConfig(candidates=candidates, seed=seed, n_top=n_top, n_random=n_random, causal=False)
+    with progress_bar("explaining (features)", len(pairs), enabled=not as_json) as update:
+        rows = explain_features(atlas, [(int(a), int(b)) for a, b in pairs], explainer=LocalExplainer(scorer),
+                                scorer=scorer, config=config, progress=update)
+
+    def render(d: list[dict[str, Any]]) -> None:
+        table = Table(title="SNMF feature explanations")
+        for col in ("feature", "explanation", "score", "baseline"):
+            table.add_column(col)
+        for r in d:
+            table.add_row(f"L{r['layer']}:{r['feature']}", r["explanation"], f"{r['score']:.3f}" if r["score"] is not None
+                          else "-", f"{r['baseline_score']:.3f}" if r["baseline_score"] is not None else "-")
+        console.print(table)
+
+    emit(rows, as_json, render)
+
+
 def register(app: typer.Typer) -> None:
     app.command("features")(features_cmd)
+    app.command("explain-features")(explain_features_cmd)

@@ -30,7 +30,7 @@ from neuronatlas.explain.exemplars import ExemplarConfig, doc_batches
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
 from neuronatlas.record.batching import forward_through, pad_ids
-from neuronatlas.record.exemplar_stats import WindowTopK
+from neuronatlas.record.exemplar_stats import Reservoir, WindowTopK
 from neuronatlas.record.hooks import site_hooks
 from neuronatlas.stats.snmf import SNMF
 
@@ -43,7 +43,7 @@ ProgressFn = Callable[[str, int], None]
 class FeatureConfig:
     """``k`` features per layer; ``l1`` the sparsity weight (relative to the mean token norm);
     ``active``: a code counts as active (sparsity, frequency) above ``active x`` the mean token norm;
-    ``top_k``/``context``/``after``: exemplars per feature and their windows; the rest as in
+    ``top_k``/``n_random``/``context``/``after``: top and random exemplars per feature and their windows; the rest as in
     :class:`~neuronatlas.stats.snmf.SNMF` and :class:`~neuronatlas.explain.exemplars.ExemplarConfig`."""
 
     k: int = 64
@@ -55,6 +55,7 @@ class FeatureConfig:
     forget: float = 0.98
     active: float = 0.01
     top_k: int = 20
+    n_random: int = 5
     context: int = 32
     after: int | None = None
     batch_size: int = 8
@@ -67,7 +68,7 @@ class FeatureConfig:
         for name in ("k", "top_k", "batch_size", "max_length", "chunk_docs"):
             if getattr(self, name) < 1:
                 raise DatasetError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.context < 0 or (self.after is not None and self.after < 0) or not self.active >= 0:
+        if self.n_random < 0 or self.context < 0 or (self.after is not None and self.after < 0) or not self.active >= 0:
             raise DatasetError("context, after and active must not be negative")
         self.snmf()   # checks the solver's parameters
 
@@ -94,7 +95,8 @@ class FeatureRun:
     ``components``: (layers, k, neurons) float32, rows of norm <= 1; ``scale``: (layers,) the mean
     token norm each layer's L1 weight and activity threshold are relative to; ``layer_stats``: per
     layer ``fvu``, ``l0``, ``dead`` (features never active), ``tokens``; ``feature_stats``: per layer
-    tensors ``freq``, ``mean``, ``max`` of shape (k,); ``top``: per layer the exemplars.
+    tensors ``freq``, ``mean``, ``max`` of shape (k,); ``top``/``random``: per layer the top
+    exemplars and a seeded uniform sample of tokens (for scoring explanations).
     """
 
     components: torch.Tensor
@@ -102,6 +104,7 @@ class FeatureRun:
     layer_stats: list[dict[str, float]]
     feature_stats: list[dict[str, torch.Tensor]]
     top: list[WindowTopK]
+    random: list[WindowTopK]
     tokens: int
     docs: int
     seconds: dict[str, float] = field(default_factory=dict)
@@ -194,6 +197,10 @@ def _encode_pass(lm: LoadedModel, corpus: Iterable[dict] | Callable[[], Iterable
     after = config.exemplar_config().after_tokens
     top = [WindowTopK.empty(config.k, config.top_k, config.context, after, lm.device) for _ in models]
     sums = [_LayerSums() for _ in models]
+    generator = torch.Generator(device=lm.device).manual_seed(config.seed)
+    samples = [Reservoir(config.k, config.n_random, config.context, after, generator, lm.device)
+               for _ in models] if config.n_random else []
+    seen = [0] * len(models)
 
     def encode(layer: int, h: torch.Tensor, mask: torch.Tensor, info: dict[str, Any]) -> None:
         snmf, s = models[layer], sums[layer]
@@ -202,6 +209,10 @@ def _encode_pass(lm: LoadedModel, corpus: Iterable[dict] | Callable[[], Iterable
         counted = mask.reshape(-1)
         doc = torch.as_tensor(info["indices"], dtype=torch.int32, device=h.device)
         top[layer].update(codes, counted, doc, info["lengths"])
+        if samples:
+            counted_index = counted.nonzero()[:, 0]
+            samples[layer].update(seen[layer], codes, counted_index, doc, info["lengths"])
+            seen[layer] += int(counted_index.numel())
         acts, z = h[mask].float(), codes[mask]
         resid = acts - snmf.reconstruct(z)
         on = z > config.active * snmf.scale_
@@ -228,4 +239,5 @@ def _encode_pass(lm: LoadedModel, corpus: Iterable[dict] | Callable[[], Iterable
                               "max": s.code_max.cpu()})
     comps = torch.stack([m.components_ for m in models if m.components_ is not None]).float().cpu()
     scale = torch.tensor([m.scale_ for m in models], dtype=torch.float32)
-    return FeatureRun(comps, scale, layer_stats, feature_stats, top, tokens, n_docs, models=models)
+    return FeatureRun(comps, scale, layer_stats, feature_stats, top, [r.sample for r in samples], tokens, n_docs,
+                      models=models)

@@ -80,7 +80,7 @@ def _decoded(lm: LoadedModel, dirs: torch.Tensor, n: int) -> tuple[pa.Table, lis
 def _docs_and_exemplars(store: Atlas, lm: LoadedModel, corpus: Iterable[dict] | Callable[[], Iterable[dict]],
                         run: FeatureRun, config: FeatureConfig, max_docs: int | None) -> int:
     wanted_set: set[int] = set()
-    for part in run.top:
+    for part in (*run.top, *run.random):
         docs_t = part.top.prompt[torch.isfinite(part.top.values)]
         wanted_set.update(int(d) for d in torch.unique(docs_t).tolist())
     wanted = sorted(wanted_set)
@@ -108,7 +108,8 @@ def _docs_and_exemplars(store: Atlas, lm: LoadedModel, corpus: Iterable[dict] | 
         id_matrix[row, : len(x)] = x
     lookup = _Lookup(np.array(wanted, dtype=np.int64), id_matrix, pa.array(doc_ids, pa.string()),
                      pa.array(vocab, pa.string()))
-    table = pa.concat_tables([_layer_table(layer, [("top", run.top)], lookup) for layer in range(len(run.top))])
+    kinds = [("top", run.top)] + ([("random", run.random)] if run.random else [])
+    table = pa.concat_tables([_layer_table(layer, kinds, lookup) for layer in range(len(run.top))])
     table = table.rename_columns(["feature" if c == "neuron" else c for c in table.column_names])
     store.write_table("feature_exemplars.parquet", table,
                       describe="top exemplars of every SNMF feature with per-token code windows (neuronatlas features)")
@@ -178,16 +179,16 @@ def read_components(atlas: Atlas | str | Path, layer: int | None = None, key: st
 
 
 def read_feature_exemplars(atlas: Atlas | str | Path, layer: int, feature: int) -> NeuronExemplars:
-    """A feature's top exemplars in the explain pipeline's form (``neuron`` holds the feature index)."""
+    """A feature's top and random exemplars in the explain pipeline's form (``neuron`` holds the feature index)."""
     store = _open(atlas)
     rows = store.query("SELECT kind, rank, doc_id, position, activation, window_start, window_tokens, window_acts "
-                       "FROM feature_exemplars WHERE layer = ? AND feature = ? ORDER BY rank",
+                       "FROM feature_exemplars WHERE layer = ? AND feature = ? ORDER BY kind DESC, rank",
                        [int(layer), int(feature)]).to_pylist()
     if not rows:
         raise AtlasError(f"no exemplars for feature L{layer}/f{feature}; check the layer and the feature index (< k)")
     out = NeuronExemplars(int(layer), int(feature))
     for r in rows:
-        out.top.append(Excerpt(r["kind"], int(r["rank"]), str(r["doc_id"]), int(r["position"]), float(r["activation"]),
-                               int(r["window_start"]), list(r["window_tokens"]),
-                               np.asarray(r["window_acts"], dtype=np.float32)))
+        ex = Excerpt(r["kind"], int(r["rank"]), str(r["doc_id"]), int(r["position"]), float(r["activation"]),
+                     int(r["window_start"]), list(r["window_tokens"]), np.asarray(r["window_acts"], dtype=np.float32))
+        (out.top if ex.kind == "top" else out.random).append(ex)
     return out

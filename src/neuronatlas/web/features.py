@@ -77,7 +77,7 @@ def feature_context(view: AtlasView, layer: int, feature: int) -> dict[str, Any]
                             "AND direction = ? ORDER BY rank", [layer, feature, d]) for d in ("top", "bottom")}
     exemplars = _corpus_exemplars(view.rows(
         "SELECT kind, rank, doc_id, position, activation, window_start, window_tokens, window_acts "
-        "FROM feature_exemplars WHERE layer = ? AND feature = ? ORDER BY rank", [layer, feature]))
+        "FROM feature_exemplars WHERE layer = ? AND feature = ? AND kind = 'top' ORDER BY rank", [layer, feature]))
     explanation = None
     if view.has("feature_explanations", "layer", "feature", "explanation"):
         found = view.rows("SELECT * FROM feature_explanations WHERE layer = ? AND feature = ?", [layer, feature])
