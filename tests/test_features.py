@@ -234,3 +234,63 @@ def test_embedded_model_features(tmp_path):
     assert (l0 < 16).all()                                         # not every feature on every token
     info = write_features(tmp_path / "atlas", lm, run, docs, config=config)
     assert info["tokens"] == run.tokens
+
+
+def test_generalized_jaccard_matches_hand_computation():
+    from neuronatlas.features.select import generalized_jaccard
+
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]])
+    y = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 2.0]])
+    sims = generalized_jaccard(x, y)
+    assert sims[0, 0] == pytest.approx((1 + 0 + 1) / (1 + 1 + 2))
+    assert sims[0, 1] == pytest.approx(1.0)
+    assert sims[1].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_select_documents_methods(family, tmp_path):
+    from neuronatlas.features.select import SelectConfig, activation_patterns, select_documents
+
+    lm = tiny_model(family)
+    pool = [f"the {w} and the {w} again" for w in ("cat", "dog", "sun", "moon")] + ["1 2 3 4 5", "6 7 8 9 0"]
+    exemplars = ["3 4 5 6 7", "8 9 1 2"]
+    patterns = activation_patterns(lm, pool, SelectConfig(top=5, layers=(0, 1)))
+    assert patterns.shape == (6, 2 * lm.n_neurons) and ((patterns > 0).sum(1) <= 5).all() and (patterns >= 0).all()
+    # an exemplar identical to a pool document is that document's best match
+    picked = select_documents(lm, [pool[2]], pool, 1, SelectConfig(top=8, aggregate="max"))
+    assert picked[0][0] == 2 and picked[0][1] == pytest.approx(1.0)
+    emb = select_documents(lm, [pool[3]], pool, 2, SelectConfig(method="embedding"))
+    assert emb[0][0] == 3 and emb[0][1] == pytest.approx(1.0, abs=1e-5) and emb[1][1] <= emb[0][1]
+    rnd = select_documents(lm, exemplars, pool, 3, SelectConfig(method="random", seed=1))
+    again = select_documents(lm, exemplars, pool, 3, SelectConfig(method="random", seed=1))
+    assert len({i for i, _ in rnd}) == 3 and [i for i, _ in rnd] == [i for i, _ in again]
+    # features representation: codes of the atlas's SNMF features
+    docs = default_corpus(n_docs=10, seed=0)
+    config = FeatureConfig(k=4, top_k=2, max_length=24)
+    write_features(tmp_path / "f", lm, fit_features(lm, docs, config), docs, config=config)
+    fpat = activation_patterns(lm, pool, SelectConfig(representation="features", atlas=tmp_path / "f", top=3))
+    assert fpat.shape == (6, 4) and ((fpat > 0).sum(1) <= 3).all()
+    with pytest.raises(Exception, match="k=9"):
+        select_documents(lm, exemplars, pool, 9)
+
+
+def test_select_data_cli(capsys, model_dir, tmp_path, write_jsonl):
+    pool = write_jsonl([{"text": t, "doc_id": f"d{i}"} for i, t in enumerate(
+        ["a cat sat", "a dog ran", "1 2 3 4", "5 6 7 8", "the sun rose"])], "pool.jsonl")
+    ex = write_jsonl([{"text": "9 8 7 6"}], "ex.jsonl")
+    out = tmp_path / "sel.jsonl"
+    code, stdout, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(ex), "--pool",
+                                str(pool), "--k", "2", "--out", str(out), "--json")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["rank"] for r in rows] == [0, 1] and rows[0]["score"] >= rows[1]["score"]
+    assert {"doc_id", "text", "pool_index"} <= set(rows[0])
+    code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(ex), "--pool",
+                           str(pool), "--k", "9", "--out", str(out))
+    assert code == 2 and "k=9" in err
+    code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(ex), "--pool",
+                           str(pool), "--k", "2", "--out", str(out), "--representation", "features")
+    assert code == 2 and "--atlas" in err
+    code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(tmp_path / "no.jsonl"),
+                           "--pool", str(pool), "--k", "2", "--out", str(out))
+    assert code == 2 and "not found" in err

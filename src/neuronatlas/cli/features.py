@@ -18,6 +18,7 @@ from neuronatlas.cli.common import (
     emit,
     load_model_cli,
     out_dir,
+    out_file,
     phase_progress,
 )
 from neuronatlas.cli.explain import _corpus
@@ -124,6 +125,72 @@ def explain_features_cmd(
     emit(rows, as_json, render)
 
 
+def _read_texts(path: Path, text_field: str, what: str) -> list[dict]:
+    from neuronatlas.data.corpus import read_corpus
+    from neuronatlas.errors import DatasetError
+
+    if not path.is_file():
+        raise DatasetError(f"{what} file {str(path)!r} not found; check the {what} path")
+    try:
+        docs = list(read_corpus([path], text_field=text_field))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{what} {str(path)!r}: {str(exc).splitlines()[0]}") from None
+    if not docs:
+        raise DatasetError(f"{what} {str(path)!r} has no texts; give a .jsonl/.txt/.parquet with a {text_field!r} field")
+    return docs
+
+
+def select_data_cmd(
+    exemplars: Annotated[Path, typer.Option(help="a handful of task exemplars (.jsonl/.txt/.parquet)")],
+    pool: Annotated[Path, typer.Option(help="the candidate pool (.jsonl/.txt/.parquet)")],
+    k: Annotated[int, typer.Option(min=1, help="documents to select")],
+    out: Annotated[Path, typer.Option(parser=out_file, help="the selected documents, best first (.jsonl)")],
+    model: ModelOpt = "default",
+    method: Annotated[str, typer.Option(help="jaccard (MoNA), embedding (mean hidden-state cosine) or random")] = "jaccard",
+    representation: Annotated[str, typer.Option(help="neurons or features (SNMF codes; needs --atlas)")] = "neurons",
+    atlas: Annotated[Path | None, typer.Option(help="atlas with SNMF features (neuronatlas features)")] = None,
+    layers: Annotated[str | None, typer.Option(help="comma-separated layers (default: the middle layer)")] = None,
+    top: Annotated[int, typer.Option(min=1, help="largest pattern entries kept per document")] = 64,
+    aggregate: Annotated[str, typer.Option(help="mean (prototype) or max (nearest exemplar) over exemplars")] = "mean",
+    max_length: Annotated[int, typer.Option(min=1, help="tokens per document, longer ones are cut")] = 128,
+    seed: Annotated[int, typer.Option(help="seed of --method random")] = 0,
+    text_field: str = "text",
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Select the pool documents most similar to task exemplars by their sparse activation patterns
+    (generalised Jaccard, MoNA), or by embedding similarity, or at random."""
+    import json
+
+    from neuronatlas.errors import DatasetError
+    from neuronatlas.features.select import SelectConfig, select_documents
+    from neuronatlas.store.atlas import atomic_path
+
+    try:
+        chosen = tuple(int(x) for x in layers.split(",")) if layers else None
+    except ValueError:
+        raise DatasetError(f"--layers {layers!r} is not a comma-separated list of integers, e.g. 10,15") from None
+    config = SelectConfig(method=method, representation=representation, layers=chosen, top=top,  # type: ignore[arg-type]
+                          aggregate=aggregate, atlas=atlas, max_length=max_length, seed=seed)  # type: ignore[arg-type]
+    ex_docs, pool_docs = _read_texts(exemplars, text_field, "--exemplars"), _read_texts(pool, text_field, "--pool")
+    lm = load_model_cli(model, dtype, device, quiet=as_json)
+    t0 = time.perf_counter()
+    picked = select_documents(lm, [d["text"] for d in ex_docs], [d["text"] for d in pool_docs], k, config)
+    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rank, (i, score) in enumerate(picked):
+            row = {**pool_docs[i], "pool_index": i, "rank": rank, "score": None if score != score else score}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    info = {"out": str(out), "selected": len(picked), "pool": len(pool_docs), "exemplars": len(ex_docs),
+            "method": method, "representation": representation, "seconds": round(time.perf_counter() - t0, 3),
+            "top": [{"pool_index": i, "score": s, "doc_id": pool_docs[i].get("doc_id")} for i, s in picked[:5]]}
+
+    def render(d: dict[str, Any]) -> None:
+        console.print(f"selected {d['selected']} of {d['pool']} documents ({d['method']}, {d['representation']}) "
+                      f"into {d['out']} in {d['seconds']} s")
+
+    emit(info, as_json, render)
+
+
 def register(app: typer.Typer) -> None:
     app.command("features")(features_cmd)
     app.command("explain-features")(explain_features_cmd)
+    app.command("select-data")(select_data_cmd)
