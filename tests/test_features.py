@@ -294,3 +294,18 @@ def test_select_data_cli(capsys, model_dir, tmp_path, write_jsonl):
     code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(tmp_path / "no.jsonl"),
                            "--pool", str(pool), "--k", "2", "--out", str(out))
     assert code == 2 and "not found" in err
+
+
+def test_lora_proxy_lowers_training_perplexity_and_restores_the_model(llama):
+    pytest.importorskip("peft")
+    from neuronatlas.features.finetune import LoraConfig, lora_perplexity
+    from neuronatlas.record.batching import encode, forward
+
+    batch = encode(llama, ["the cat sat on the mat"])
+    logits_before = forward(llama, batch).logits.clone()
+    texts = ["a b c d e f g h"] * 4
+    result = lora_perplexity(llama, texts, texts, LoraConfig(steps=30, lr=1e-2, max_length=16))
+    assert result["ppl_after"] < result["ppl_before"] and result["last_loss"] < result["first_loss"]
+    assert "q_proj" in result["targets"]
+    assert torch.equal(forward(llama, batch).logits, logits_before)          # adapters removed
+    assert not any("lora" in n for n, _ in llama.model.named_modules())
