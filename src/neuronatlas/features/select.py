@@ -101,8 +101,7 @@ def activation_patterns(lm: LoadedModel, texts: Sequence[str], config: SelectCon
     bad = [x for x in layers if not 0 <= x < lm.n_layers]
     if bad:
         raise DatasetError(f"layer {bad[0]} is out of range; the model has layers 0..{lm.n_layers - 1}")
-    models = _feature_models(config.atlas, layers) if config.representation == "features" else {}
-    slots = {layer: i for i, layer in enumerate(layers)}
+    models = _feature_models(config.atlas, layers) if config.representation == "features" and config.atlas else {}
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     rows_all: list[int] = []
     for rows, batch in _batches(lm, texts, config):
@@ -120,7 +119,7 @@ def activation_patterns(lm: LoadedModel, texts: Sequence[str], config: SelectCon
         with site_hooks(lm, "mlp", observe=observe, layers=layers, batch_size=len(rows)):
             forward_through(lm, batch, max(layers))
         rows_all.extend(rows)
-    dense = torch.cat([torch.cat(parts[layer]) for layer in sorted(slots, key=slots.get)], dim=1)
+    dense = torch.cat([torch.cat(parts[layer]) for layer in layers], dim=1)
     out = torch.zeros_like(dense)
     out[torch.tensor(rows_all)] = dense
     keep = min(config.top, out.shape[1])
