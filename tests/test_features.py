@@ -309,3 +309,30 @@ def test_lora_proxy_lowers_training_perplexity_and_restores_the_model(llama):
     assert "q_proj" in result["targets"]
     assert torch.equal(forward(llama, batch).logits, logits_before)          # adapters removed
     assert not any("lora" in n for n, _ in llama.model.named_modules())
+
+
+def test_concept_directions_for_the_steering_comparison(llama, tmp_path):
+    from neuronatlas.directions import steering_sweep
+    from neuronatlas.features.select import SelectConfig, activation_patterns
+    from neuronatlas.features.steer import concept_directions, standardised_difference
+
+    docs = default_corpus(n_docs=12, seed=0)
+    config = FeatureConfig(k=4, top_k=2, max_length=24)
+    write_features(tmp_path / "f", llama, fit_features(llama, docs, config), docs, config=config)
+    pos = ["le chat est noir", "la maison est grande", "il fait beau ce matin"]
+    neg = ["the cat is black", "the house is big", "it is nice this morning"]
+    sets = concept_directions(llama, tmp_path / "f", pos, neg, layer=1, concept="fr", n_neurons=3)
+    assert set(sets) == {"feature", "mean_diff", "neurons"}
+    for ds in sets.values():
+        assert ds.layers == [1] and float(ds.vectors[0].norm()) == pytest.approx(1.0, abs=1e-5)
+        assert ds.mean_norm == sets["mean_diff"].mean_norm                 # matched steering norm
+    codes = activation_patterns(llama, pos + neg, SelectConfig(representation="features", atlas=tmp_path / "f",
+                                                               layers=(1,), top=4))
+    best = int(standardised_difference(codes[:3], codes[3:]).argmax())
+    assert sets["feature"].extra["feature"] == best
+    out_dir = read_components(tmp_path / "f", 1, key="out_dirs")[best]
+    assert torch.allclose(sets["feature"].vectors[0], out_dir / out_dir.norm(), atol=1e-6)
+    assert len(sets["neurons"].extra["neurons"]) == 3
+    res = steering_sweep(llama, ["The weather is"], sets["feature"], layers=[1], alphas=[2.0],
+                         score=lambda texts: [0.0] * len(texts), alpha_unit="norm", max_new_tokens=3)
+    assert len(res.cells) == 1 and res.cells[0].alpha == 2.0
