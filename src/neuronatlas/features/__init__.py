@@ -1,9 +1,13 @@
 """SNMF features of MLP activations (fit, store, explain) and monosemantic data selection.
 
+    >>> from neuronatlas.data.corpus import default_corpus
     >>> from neuronatlas.features import FeatureConfig, fit_features, write_features
     >>> docs = default_corpus(n_docs=20, seed=0)
-    >>> run = fit_features(lm, docs, FeatureConfig(k=4, top_k=3))
-    >>> info = write_features("my-atlas", lm, run, docs, config=FeatureConfig(k=4, top_k=3))
+    >>> config = FeatureConfig(k=4, top_k=3, max_length=32)
+    >>> run = fit_features(lm, docs, config)
+    >>> info = write_features("my-atlas", lm, run, docs, config=config)
+    >>> info["k"], len(info["layers"])
+    (4, 2)
 """
 
 from neuronatlas.features.core import FeatureConfig, FeatureRun, encode_batches, fit_features, token_mask

@@ -11,7 +11,7 @@ instead of neuron activations).
 
     >>> from neuronatlas.data.corpus import default_corpus
     >>> from neuronatlas.features import FeatureConfig, fit_features
-    >>> run = fit_features(lm, default_corpus(n_docs=20, seed=0), FeatureConfig(k=4, top_k=3))
+    >>> run = fit_features(lm, default_corpus(n_docs=20, seed=0), FeatureConfig(k=4, top_k=3, max_length=32))
     >>> run.components.shape            # (layers, k, neurons)
     >>> run.layer_stats[0]["fvu"], run.layer_stats[0]["l0"]
 """

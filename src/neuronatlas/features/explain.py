@@ -8,10 +8,14 @@ check (zero-ablating one neuron) does not apply to a feature; its causal test is
 (:mod:`neuronatlas.features.steer`). Rows go to ``feature_explanations.parquet``, upserted one
 feature at a time.
 
+    >>> from neuronatlas.data.corpus import default_corpus
     >>> from neuronatlas.explain import LocalExplainer, ExplainConfig
+    >>> from neuronatlas.features import FeatureConfig, fit_features, write_features
     >>> from neuronatlas.features.explain import explain_features
-    >>> rows = explain_features("my-atlas", [(1, 0), (1, 2)], explainer=LocalExplainer(lm), scorer=lm,
-    ...                         config=ExplainConfig(candidates=2))
+    >>> docs, config = default_corpus(n_docs=12, seed=0), FeatureConfig(k=3, top_k=3, max_length=24)
+    >>> info = write_features("my-atlas", lm, fit_features(lm, docs, config), docs, config=config)
+    >>> rows = explain_features("my-atlas", [(1, 0), (1, 2)], explainer=LocalExplainer(lm, max_new_tokens=6),
+    ...                         scorer=lm, config=ExplainConfig(candidates=2))
     >>> rows[0]["explanation"], rows[0]["score"], rows[0]["baseline_score"]
 """
 

@@ -6,7 +6,7 @@
 again, and removes the adapters, leaving the model exactly as it was.
 
     >>> from neuronatlas.features.finetune import LoraConfig, lora_perplexity
-    >>> r = lora_perplexity(lm, selected_texts, heldout_texts, LoraConfig(steps=50))
+    >>> r = lora_perplexity(lm, ["a b c d e f"] * 4, ["a b c d"], LoraConfig(steps=5, max_length=16))
     >>> r["ppl_before"], r["ppl_after"]
 """
 

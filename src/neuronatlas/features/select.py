@@ -12,7 +12,9 @@ Baselines: ``method="embedding"`` scores by cosine similarity of the mean last-l
 (the usual embedding-similarity selection); ``method="random"`` draws ``k`` documents with ``seed``.
 
     >>> from neuronatlas.features.select import SelectConfig, select_documents
-    >>> picked = select_documents(lm, exemplars, pool, k=50, config=SelectConfig(method="jaccard"))
+    >>> pool = ["the cat sat on the mat", "1 2 3 4 5", "the dog ran home", "6 7 8 9"]
+    >>> exemplars = ["3 4 5 6 7"]
+    >>> picked = select_documents(lm, exemplars, pool, k=2, config=SelectConfig(method="jaccard", top=16))
     >>> picked[0]          # (pool index, score), best first
 """
 

@@ -14,8 +14,13 @@ Each becomes a :class:`~neuronatlas.directions.DirectionSet` with the same ``mea
 mean-diff set's), so :func:`~neuronatlas.directions.steering_sweep` adds ``alpha x mean norm`` of
 each, and concept expression and fluency are measured on the same prompts and grid.
 
+    >>> from neuronatlas.data.corpus import default_corpus
+    >>> from neuronatlas.features import FeatureConfig, fit_features, write_features
     >>> from neuronatlas.features.steer import concept_directions
-    >>> sets = concept_directions(lm, "my-atlas", french, english, layer=15, concept="fr")
+    >>> docs, config = default_corpus(n_docs=12, seed=0), FeatureConfig(k=3, top_k=2, max_length=24)
+    >>> info = write_features("my-atlas", lm, fit_features(lm, docs, config), docs, config=config)
+    >>> french, english = ["le chat est noir", "il fait beau"], ["the cat is black", "it is nice"]
+    >>> sets = concept_directions(lm, "my-atlas", french, english, layer=1, concept="fr", n_neurons=3)
     >>> sets["feature"].extra["feature"], sets["neurons"].extra["neurons"]
 """
 

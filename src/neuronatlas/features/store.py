@@ -10,9 +10,13 @@ Files (see docs/atlas-format.md, "SNMF features")::
     feature_exemplars.parquet   layer, feature, kind, rank, doc_id, position, activation, window_*
     feature_docs.parquet        the documents the exemplars point to
 
-    >>> from neuronatlas.features import write_features, read_components
-    >>> write_features("my-atlas", lm, run, docs, corpus_name="default_corpus(n_docs=20, seed=0)")
-    >>> read_components("my-atlas", layer=3).shape     # (k, neurons)
+    >>> from neuronatlas.data.corpus import default_corpus
+    >>> from neuronatlas.features import FeatureConfig, fit_features, write_features, read_components
+    >>> docs, config = default_corpus(n_docs=20, seed=0), FeatureConfig(k=4, top_k=3, max_length=32)
+    >>> run = fit_features(lm, docs, config)
+    >>> info = write_features("my-atlas", lm, run, docs, config=config, corpus_name="default_corpus(n_docs=20, seed=0)")
+    >>> read_components("my-atlas", layer=1).shape     # (k, neurons)
+    torch.Size([4, 32])
 """
 
 from __future__ import annotations

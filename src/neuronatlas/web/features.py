@@ -4,8 +4,14 @@ Reads ``feature_layers``, ``features``, ``feature_decoded``, ``feature_exemplars
 ``feature_explanations`` (when present) and ``features.safetensors`` (the feature's neuron weights,
 read with safetensors' NumPy loader; no torch). Nothing here writes to the atlas.
 
+    >>> from neuronatlas.data.corpus import default_corpus
+    >>> from neuronatlas.features import FeatureConfig, fit_features, write_features
+    >>> from neuronatlas.web.data import Library
     >>> from neuronatlas.web.features import features_context, feature_context
-    >>> ctx = feature_context(view, layer=12, feature=3)
+    >>> docs, config = default_corpus(n_docs=12, seed=0), FeatureConfig(k=3, top_k=2, max_length=24)
+    >>> info = write_features("my-atlas", lm, fit_features(lm, docs, config), docs, config=config)
+    >>> view = Library(["my-atlas"]).get("my-atlas")
+    >>> ctx = feature_context(view, layer=1, feature=2)
     >>> ctx["decoded"]["top"][0]["token"], ctx["neurons"][0]
 """
 
