@@ -291,6 +291,9 @@ def test_select_data_cli(capsys, model_dir, tmp_path, write_jsonl):
     code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(ex), "--pool",
                            str(pool), "--k", "2", "--out", str(out), "--representation", "features")
     assert code == 2 and "--atlas" in err
+    code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(ex), "--pool",
+                           str(pool), "--k", "2", "--out", str(out), "--layers", "1,1")
+    assert code == 2 and "distinct" in err
     code, _, err = run_cli(capsys, "select-data", "--model", str(model_dir), "--exemplars", str(tmp_path / "no.jsonl"),
                            "--pool", str(pool), "--k", "2", "--out", str(out))
     assert code == 2 and "not found" in err

@@ -64,6 +64,8 @@ class SelectConfig:
             raise DatasetError(f"unknown aggregate {self.aggregate!r}; choose mean or max")
         if self.top < 1 or self.batch_size < 1 or self.max_length < 1:
             raise DatasetError("top, batch_size and max_length must be at least 1")
+        if self.layers is not None and (not self.layers or len(set(self.layers)) != len(self.layers)):
+            raise DatasetError(f"layers {list(self.layers)} must be distinct and not empty, e.g. 10,15,20")
         if self.representation == "features" and self.method == "jaccard" and self.atlas is None:
             raise DatasetError("representation 'features' needs the atlas written by `neuronatlas features` (--atlas)")
 
