@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--random-seeds", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated methods to fine-tune (default: all)")
     ap.add_argument("--max-length", type=int, default=48)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -88,6 +89,8 @@ def main() -> None:
         if task not in args.lora_tasks.split(","):
             continue
         for name, chosen in picks.items():
+            if args.only and name not in args.only.split(","):
+                continue
             t = time.perf_counter()
             r = lora_perplexity(lm, [pool[i] for i in chosen], heldout, lora)
             task_out[name].update({"ppl_before": r["ppl_before"], "ppl_after": r["ppl_after"],
