@@ -209,6 +209,9 @@ def test_features_cli_and_errors(capsys, model_dir, tmp_path, write_jsonl):
     code, _, err = run_cli(capsys, "explain-features", "--atlas", str(tmp_path / "a"), "--features", "L1:7",
                            "--explainer-model", str(model_dir))
     assert code == 2 and "L1:7" in err.replace("\n", "")
+    code, _, err = run_cli(capsys, "features", "--model", str(model_dir), "--corpus", str(corpus), "--k", "2",
+                           "--top-k", "2", "--out", str(tmp_path / "a"), "--json")
+    assert code == 0 and not (tmp_path / "a" / "feature_explanations.parquet").exists()   # stale ones removed
     code, _, err = run_cli(capsys, "features", "--model", str(model_dir), "--corpus", str(tmp_path / "nope.jsonl"),
                            "--out", str(tmp_path / "b"))
     assert code == 2 and "not found" in err and "Traceback" not in err

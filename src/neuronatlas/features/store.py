@@ -126,6 +126,7 @@ def write_features(atlas: Atlas | str | Path, lm: LoadedModel, run: FeatureRun,
                    force: bool = False) -> dict[str, Any]:
     """Write every feature file of the module docstring into ``atlas``; returns the run summary."""
     store = atlas if isinstance(atlas, Atlas) else Atlas.create(atlas, model=lm.provenance, force=force)
+    store.file("feature_explanations.parquet").unlink(missing_ok=True)     # explanations of replaced features
     dirs = output_directions(lm, run.components)
     store.write_arrays(ARRAYS, {"components": run.components.numpy(), "out_dirs": dirs.numpy(),
                                 "scale": run.scale.numpy()})
