@@ -16,6 +16,7 @@ from neuronatlas.cli import decode as decode_cli
 from neuronatlas.cli import decompose as decompose_cli
 from neuronatlas.cli import directions as directions_cli
 from neuronatlas.cli import explain as explain_cli
+from neuronatlas.cli import features as features_cli
 from neuronatlas.cli.common import err_console
 from neuronatlas.errors import NeuronAtlasError
 
@@ -45,6 +46,7 @@ web.register(app)
 decode_cli.register(app)
 explain_cli.register(app)
 decompose_cli.register(app)
+features_cli.register(app)
 directions_cli.register(app)
 
 

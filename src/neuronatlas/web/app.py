@@ -7,6 +7,8 @@ Routes (``slug`` names one served atlas; see docs/viewer.md)::
     /a/{slug}/heatmap?study=&method=&page=         selected neurons per concept x layer
     /a/{slug}/concept/{key}?layer=&study=&method=&page=
     /a/{slug}/neuron/L{layer}/{neuron}    statistics, decoded tokens, exemplars, explanation, selections
+    /a/{slug}/features?layer=             SNMF features: per-layer FVU and L0, a layer's features
+    /a/{slug}/feature/L{layer}/{feature}  one SNMF feature: statistics, decoded tokens, exemplars, neurons
     /a/{slug}/search?q=&kind=token|explanation|concept&match=&side=&direction=&page=
     /a/{slug}/study/{study}               a study's key numbers and plots
     /a/{slug}/study/{study}/files/{name}  a study's .png/.svg/.jpg/.html/.json file
@@ -48,6 +50,7 @@ from neuronatlas.web.data import (
     NotFound,
     neuron_from_url,
 )
+from neuronatlas.web.features import feature_context, features_context
 from neuronatlas.web.neuron import neuron_context
 from neuronatlas.web.pages import (
     atlas_context,
@@ -198,6 +201,19 @@ def create_app(library: Library, *, allowed_hosts: Sequence[str] | None = None, 
         lay, n = neuron_from_url(layer, neuron).pair
         return _cached(view, ("neuron", lay, n), lambda: ("neuron.html",
                                                           neuron_context(view, lay, n, live=live is not None)))
+
+    @app.get("/a/{slug}/features", response_class=HTMLResponse)
+    def features(slug: str, layer: LayerQ = None) -> Response:
+        view = library.get(slug)
+        return _cached(view, ("features", layer), lambda: ("features.html", features_context(view, layer)))
+
+    @app.get("/a/{slug}/feature/{layer}/{feature}", response_class=HTMLResponse)
+    def feature(slug: str, layer: str, feature: int) -> Response:
+        view = library.get(slug)
+        if not (layer[:1] in ("L", "l") and layer[1:].isdigit()) or feature < 0:
+            raise BadRequest(f"bad feature address {layer}/{feature}; use /feature/L12/3")
+        lay = int(layer[1:])
+        return _cached(view, ("feature", lay, feature), lambda: ("feature.html", feature_context(view, lay, feature)))
 
     @app.get("/a/{slug}/search", response_class=HTMLResponse)
     def search(slug: str, q: TextQ = "", kind: Annotated[str, Query(max_length=20)] = "token", page: PageQ = 1,

@@ -30,6 +30,7 @@ from neuronatlas.web.data import (
     like_pattern,
     page_count,
 )
+from neuronatlas.web.features import has_features
 from neuronatlas.web.render import layer_chart_svg
 from neuronatlas.web.study import PLOT_EXTS, report_concept_numbers, study_context, study_info
 
@@ -127,7 +128,8 @@ def atlas_context(view: AtlasView) -> dict[str, Any]:
     descriptions = m.get("tables", {})
     tables = [{"name": name, "rows": view.count(name), "about": descriptions.get(f"{name}.parquet", "")}
               for name in ("stats", "exemplars", "prompts", "decoded", "selections", "corpus_docs",
-                           "corpus_exemplars", "explanations") if view.has(name)]
+                           "corpus_exemplars", "explanations", "feature_layers", "features", "feature_decoded",
+                           "feature_exemplars", "feature_docs", "feature_explanations") if view.has(name)]
     concepts = []
     if view.has("selections", "concept", "layer", "neuron"):
         counts = {r["concept"]: r["n"] for r in view.rows(
@@ -140,7 +142,8 @@ def atlas_context(view: AtlasView) -> dict[str, Any]:
     return {"title": view.slug, "slug": view.slug, "manifest": m, "model": m.get("model", {}), "dims": view.dims(),
             "records": m.get("records", {}), "tables": tables, "concepts": concepts[:300],
             "more_concepts": max(0, len(concepts) - 300), "studies": [study_info(view, s) for s in view.studies()],
-            "best": best, "has_heatmap": view.has("selections", "concept", "layer", "neuron")}
+            "best": best, "has_heatmap": view.has("selections", "concept", "layer", "neuron"),
+            "has_features": has_features(view)}
 
 
 def heatmap_context(view: AtlasView, page: int = 1, study: str | None = None,

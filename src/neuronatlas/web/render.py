@@ -74,6 +74,12 @@ class ServerLinker:
     def live(self, slug: str, layer: int, neuron: int) -> str | None:
         return f"/a/{slug}/neuron/{NeuronId(layer, neuron).url_path()}/live"
 
+    def features(self, slug: str, layer: int | None = None) -> str | None:
+        return self._q(f"/a/{slug}/features", layer=layer)
+
+    def feature(self, slug: str, layer: int, feature: int) -> str | None:
+        return f"/a/{slug}/feature/L{int(layer)}/{int(feature)}"
+
 
 def static_path(kind: str, slug: str = "", **p: Any) -> str:
     """The file path (relative to the export root) of one exported page."""
@@ -157,6 +163,12 @@ class StaticLinker:
 
     def live(self, slug: str, layer: int, neuron: int) -> str | None:
         return None  # a static export has no model
+
+    def features(self, slug: str, layer: int | None = None) -> str | None:
+        return None  # feature pages are served only (not exported)
+
+    def feature(self, slug: str, layer: int, feature: int) -> str | None:
+        return None
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
