@@ -69,7 +69,7 @@ def emotion_outcome(ctx: Context[Any], selection: Selection, grid: Grid, measure
     f.append(Finding("directions", "Emotion directions",
                      f"Mean-difference directions (each emotion against the other {len(emotions) - 1}) separate held-out "
                      f"scenarios best in {best_space} at layer {best_layer}: {rules.pct(probe[best_space][best_layer])} "
-                     "mean accuracy over emotions (threshold at the midpoint of the class means).", rule="descriptive",
+                     "mean held-out balanced accuracy over emotions (threshold at the midpoint of the class means).", rule="descriptive",
                      numbers={"accuracy": probe, "best": [best_space, best_layer]}))
     base_n = "baseline|neutral"
     ablate = {e: measured.compare(f"ablate|{e}", f"express_{e}", baseline=f"baseline|emo:{e}", alternative="less")
