@@ -194,3 +194,32 @@ def test_miniature_study_atlas_viewer_and_resume(mini_run):
     assert page.status_code == 200 and "/a/atlas/neuron/L" in page.text
     again = run(lm, MINI, out)
     assert again["timing"]["model_forward_calls"] == 0 and again["findings"] == result["findings"]
+
+
+@pytest.mark.slow
+def test_mlp_out_from_neurons_and_heads_on_the_embedded_model(tmp_path):
+    """On SmolLM2: the study's mlp_out (recorded last-token neurons times W_down) equals the captured
+    mlp_out, so c_j = h_j (W_down^T v)_j sums to the projection of mlp_out on v; head outputs sum to
+    the attention output."""
+    from neuronatlas.data.prompts import PromptSet
+    from neuronatlas.directions import capture
+    from neuronatlas.models import load_model
+    from neuronatlas.record import RecordConfig, record
+    from neuronatlas.studies.emotions import _down_weights
+
+    lm = load_model("default")
+    texts = ["Yesterday my old dog died in my arms. I felt", "This morning I won the race. I felt"]
+    rec = record(lm, PromptSet.from_rows([{"text": t, "label": "x"} for t in texts]), tmp_path / "atlas",
+                 config=RecordConfig(pool="last", top_k=1, keep_pooled=True))
+    h = torch.from_numpy(rec.pooled.astype(np.float32))
+    w_down = _down_weights(lm)
+    layers = [3, 15, 27]
+    mine = torch.stack([h[:, layer] @ w_down[layer].T for layer in layers], dim=1)
+    captured = capture(lm, texts, space="mlp_out", layers=layers)
+    assert torch.allclose(mine, captured, rtol=2e-2, atol=2e-2 * float(captured.abs().max()))
+    v = torch.nn.functional.normalize(torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(0)), dim=0)
+    contrib = h[:, 15] * (w_down[15].T @ v)
+    assert torch.allclose(contrib.sum(-1), mine[:, 1] @ v, rtol=1e-4, atol=1e-3)
+    heads = head_outputs(lm, texts, layers=[15])
+    attn = capture(lm, texts, space="attn_out", layers=[15])
+    assert torch.allclose(heads[:, 0].sum(1), attn[:, 0], atol=1e-3 * float(attn.abs().max()))
