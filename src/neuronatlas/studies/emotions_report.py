@@ -90,7 +90,9 @@ def emotion_outcome(ctx: Context[Any], selection: Selection, grid: Grid, measure
                 for e in emotions}
     both = {e: measured.compare(f"both_amplify|{e}", f"express_{e}", baseline=base_n, alternative="greater")
             for e in emotions}
-    steer_layer = min(grid_layers(grid), key=lambda x: abs(x - best_layer)) if grid_layers(grid) else best_layer
+    # the direction arm: the sweep layer nearest the resid layer whose direction is read best (held-out scenarios)
+    resid_best = int(np.nanargmax(probe["resid"]))
+    steer_layer = min(grid_layers(grid), key=lambda x: abs(x - resid_best))
     steer = {e: measured.compare(f"steer|{e}|L{steer_layer}|x{cfg.steer_alpha:g}", f"express_{e}", baseline=base_n,
                                  alternative="greater") for e in emotions}
     prompting = {e: measured.compare(f"prompting|{e}", f"express_{e}", baseline=base_n, alternative="greater")
