@@ -176,6 +176,7 @@ def emotions_study_cmd(
     amplify: Annotated[float, typer.Option(help="factor the neurons / heads are scaled by on neutral prompts (> 1)")] = 4.0,
     n_prompts: Annotated[int, typer.Option(min=1, max=64, help="held-out scenario prompts per emotion (and neutral)")] = 16,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per continuation")] = 10,
+    frames: Annotated[int, typer.Option(min=1, max=8, help="frames per scenario event recorded (8: all)")] = 8,
     steer_layers: Annotated[str, typer.Option(help="layers of the steering sweep, e.g. 6,12,18 (default: 4 spread)")] = "",
     steer_alphas: Annotated[str, typer.Option(help="steering strengths, multiples of the layer's mean resid norm")] = "0.5,1,2",
     steer_alpha: Annotated[float, typer.Option(help="the strength of the direction arm compared with neurons/heads")] = 1.0,
@@ -199,7 +200,7 @@ def emotions_study_cmd(
 
     chosen = tuple(e.strip().lower() for e in emotions.split(",") if e.strip()) or EMOTIONS
     cfg = EmotionStudyConfig(emotions=chosen, n_neurons=neurons, n_heads=heads, amplify=amplify, n_prompts=n_prompts,
-                             max_new_tokens=max_new_tokens, steer_layers=numbers(steer_layers, "--steer-layers", int),
+                             max_new_tokens=max_new_tokens, n_frames=frames, steer_layers=numbers(steer_layers, "--steer-layers", int),
                              steer_alphas=numbers(steer_alphas, "--steer-alphas", float), steer_alpha=steer_alpha,
                              n_facts=n_facts, n_stimulus_neurons=stimulus_neurons, n_random=n_random, seed=seed)
     run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from neuronatlas.data.emotions import (
-    EMOTIONS, NEUTRAL, STIMULI, build_emotion_sentences, build_feeling_sentences, feeling_prompt, provenance,
+    EMOTIONS, FRAMES, NEUTRAL, STIMULI, build_emotion_sentences, build_feeling_sentences, feeling_prompt, provenance,
 )
 from neuronatlas.data.prompts import PromptSet
 from neuronatlas.errors import SelectionError
@@ -63,6 +63,7 @@ class EmotionStudyConfig(StudyConfig):
     n_heads: int = 20                 # top heads per emotion
     amplify: float = 4.0              # Scale factor of neurons / heads on neutral prompts
     n_prompts: int = 16               # held-out scenario prompts per emotion (and neutral ones)
+    n_frames: int = 8                 # frames per event in the recorded scenarios (8: all 128 per emotion)
     max_new_tokens: int = 10
     steer_layers: tuple[int, ...] = ()        # () = four layers spread over the model
     steer_alphas: tuple[float, ...] = (0.5, 1.0, 2.0)   # multiples of the layer's mean resid norm
@@ -78,6 +79,8 @@ class EmotionStudyConfig(StudyConfig):
         if min(self.n_neurons, self.n_heads, self.n_prompts, self.n_facts, self.n_stimulus_neurons, self.max_new_tokens) < 1:
             raise SelectionError("--neurons, --heads, --n-prompts, --n-facts, --stimulus-neurons and --max-new-tokens "
                                  "must be >= 1")
+        if not 1 <= self.n_frames <= len(FRAMES):
+            raise SelectionError(f"--frames {self.n_frames}: choose 1-{len(FRAMES)}")
         if self.n_prompts > 64:
             raise SelectionError(f"--n-prompts {self.n_prompts}: each emotion has 64 held-out scenario prompts")
         if self.amplify <= 1 or not self.steer_alphas:
@@ -120,7 +123,8 @@ class EmotionStudy(Study[EmotionStudyConfig]):
         files = {(space, e): ctx.out / "directions" / f"{space}-{e}.npz" for space in SPACES for e in cfg.emotions}
         found = ctx.state.get("selection")
         if found is None or not all(p.exists() for p in files.values()):
-            found = _compute_selection(ctx, [r for r in rows if r["label"] != NEUTRAL], files)
+            found = _compute_selection(ctx, [r for r in rows if r["label"] != NEUTRAL and r["frame"] < cfg.n_frames],
+                                       files)
             ctx.state.put("selection", found)
         from neuronatlas.directions import load_directions
 
@@ -214,7 +218,7 @@ def _compute_selection(ctx: Context[EmotionStudyConfig], emo: list[dict[str, Any
     test = np.array([r["split"] == "test" for r in emo])
     prompts = PromptSet.from_rows([{"text": t, "label": lab, "split": r["split"]} for t, lab, r in zip(texts, labels, emo)])
     rec = record(lm, prompts, ctx.store, name="emotions", progress=lambda d, t: ctx.tick("record", d, t),
-                 config=RecordConfig(pool="last", top_k=5, batch_size=cfg.batch_size, max_length=64))
+                 config=RecordConfig(pool="last", top_k=5, batch_size=cfg.batch_size, max_length=64, neuron_stats=False))
     assert rec.pooled is not None
     h = torch.from_numpy(rec.pooled.astype(np.float32))                              # (n, L, N)
     w_down = ctx.data["w_down"]
