@@ -46,7 +46,7 @@ def test_resid_is_the_hidden_state_and_the_sum_of_its_writes(family):
         res = capture(lm, [text], space="resid", pool=pool)[0]
         attn = capture(lm, [text], space="attn_out", pool=pool)[0]
         mlp = capture(lm, [text], space="mlp_out", pool=pool)[0]
-        h = hidden[1][0, -1] if pool == "last" else hidden[1][0].mean(0)
+        h = hidden[1][0, -1] if pool == "last" else hidden[1][0, 1:].mean(0)   # mean skips the first token
         torch.testing.assert_close(res[0], h.float(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(res[1], res[0] + attn[1] + mlp[1], atol=1e-4, rtol=1e-4)
 
@@ -147,6 +147,10 @@ def test_steer_vector_adds_to_the_stream(family):
             stream_hooks(lm, "resid", observe=observe, layers=[0], batch_size=len(TEXTS)):
         forward(lm, batch)
     mask = batch["attention_mask"].float()
+    lengths = batch["attention_mask"].sum(1)
+    for r in range(len(TEXTS)):
+        if lengths[r] >= 2:
+            mask[r, mask.shape[1] - lengths[r]] = 0.0
     mean = (seen[0] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     torch.testing.assert_close(mean, clean[:, 0] + 2.0 * v, atol=1e-4, rtol=1e-4)
     assert count_hooks(lm.model) == 0
@@ -268,3 +272,18 @@ def test_cli_fit_errors(tmp_path, capsys, model_dir, write_jsonl):
     code, _, err = run_cli(capsys, "directions", "fit", "--model", str(model_dir), "--data", str(data),
                            "--method", "svm", "--out", str(tmp_path / "d.npz"))
     assert code == 2 and "unknown --method 'svm'" in err
+
+
+def test_pca_on_minimal_pairs_cancels_shared_variance():
+    """A huge shared nuisance axis defeats random pairing but cancels within minimal pairs."""
+    gen = torch.Generator().manual_seed(0)
+    d, n = 24, 150
+    concept, nuisance = torch.eye(d)[2], torch.eye(d)[7]
+    base = torch.randn(n, 1, d, generator=gen) * 0.3 + 20 * torch.randn(n, 1, 1, generator=gen) * nuisance
+    pos, neg = base + 0.5 * concept, base - 0.5 * concept
+    paired = fit_direction(pos, neg, method="pca", paired=True)
+    unpaired = fit_direction(pos, neg, method="pca")
+    assert float(paired.vectors[0] @ concept) > 0.95
+    assert abs(float(unpaired.vectors[0] @ concept)) < 0.5
+    with pytest.raises(DatasetError, match="as many concept as other"):
+        fit_direction(pos, neg[:-1], method="pca", paired=True)

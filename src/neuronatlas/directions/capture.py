@@ -7,7 +7,10 @@
     torch.Size([2, 2, 576])
 
 Texts are batched by similar length (less padding) and each forward stops after the last layer
-asked for. ``pool="last"`` keeps each text's last real token, ``"mean"`` averages its real tokens.
+asked for. ``pool="last"`` keeps each text's last real token, ``"mean"`` averages its real tokens
+except the first: the first position of a causal LM is an attention sink whose residual norm is
+two orders above the others (22,680 vs ~170 at layer 14 of SmolLM2), so including it makes every
+mean-pooled vector mostly the same sink. A one-token text keeps its only token.
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ def capture(lm: LoadedModel, texts: Sequence[str], *, space: Space | str = Space
         rows = [order[i] for i in group]
         batch = pad_ids(lm, [ids[r] for r in rows], "left")
         mask = batch["attention_mask"].to(torch.float32)
+        lengths = batch["attention_mask"].sum(1)
+        long = torch.nonzero(lengths >= 2).flatten()
+        mask[long, mask.shape[1] - lengths[long]] = 0.0   # drop each text's first token (the sink)
         pooled: dict[int, torch.Tensor] = {}
 
         def observe(layer: int, h: torch.Tensor) -> None:

@@ -136,12 +136,16 @@ def _balanced_accuracy(proj_pos: torch.Tensor, proj_neg: torch.Tensor, threshold
     return 0.5 * ((proj_pos > threshold).float().mean(0) + (proj_neg <= threshold).float().mean(0))
 
 
-def _pca_vectors(pos: torch.Tensor, neg: torch.Tensor, seed: int) -> torch.Tensor:
-    """First principal component of randomly paired, randomly signed differences, per layer."""
+def _pca_vectors(pos: torch.Tensor, neg: torch.Tensor, seed: int, paired: bool) -> torch.Tensor:
+    """First principal component of paired, randomly signed differences, per layer: row i of ``pos``
+    with row i of ``neg`` when ``paired`` (minimal pairs), else random pairs."""
     gen = torch.Generator().manual_seed(seed)
     k = min(len(pos), len(neg))
-    p = pos[torch.randperm(len(pos), generator=gen)[:k]]
-    q = neg[torch.randperm(len(neg), generator=gen)[:k]]
+    if paired:
+        p, q = pos, neg
+    else:
+        p = pos[torch.randperm(len(pos), generator=gen)[:k]]
+        q = neg[torch.randperm(len(neg), generator=gen)[:k]]
     signs = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0)[:, None, None]
     diffs = (p - q) * signs                                   # (k, L, d): the concept axis carries the variance
     diffs = diffs - diffs.mean(0, keepdim=True)
@@ -177,11 +181,15 @@ def _logistic(pos: torch.Tensor, neg: torch.Tensor, seed: int, c: float) -> tupl
 def fit_direction(pos: torch.Tensor, neg: torch.Tensor, *, method: Method = "mean_diff",
                   layers: Sequence[int] | None = None, test_pos: torch.Tensor | None = None,
                   test_neg: torch.Tensor | None = None, concept: str = "concept", space: str = Space.RESID.value,
-                  pool: str = "last", model: str = "", seed: int = 0, c: float = 1.0) -> DirectionSet:
+                  pool: str = "last", model: str = "", seed: int = 0, c: float = 1.0,
+                  paired: bool = False) -> DirectionSet:
     """Fit one direction per layer separating ``pos`` (the concept) from ``neg`` (the rest).
 
     ``pos``/``neg``: ``(n, len(layers), d_model)`` from :func:`~neuronatlas.directions.capture`.
-    ``c``: inverse L2 strength of the logistic probe (scikit-learn's ``C``).
+    ``c``: inverse L2 strength of the logistic probe (scikit-learn's ``C``). ``paired``: row i of
+    ``pos`` and row i of ``neg`` are a minimal pair (the same text but for the concept); ``pca``
+    then takes their differences, which cancel what the pair shares. Unpaired, ``pca`` pairs rows
+    at random and the texts' own variance competes with the concept's (see docs/directions.md).
     """
     if method not in METHODS:
         raise DatasetError(f"unknown direction method {method!r}; choose from: {', '.join(METHODS)}")
@@ -190,11 +198,13 @@ def fit_direction(pos: torch.Tensor, neg: torch.Tensor, *, method: Method = "mea
     if len(pos) < 2 or len(neg) < 2:
         raise DatasetError(f"a direction needs at least 2 texts per side; got {len(pos)} concept and {len(neg)} "
                            "other texts: label more texts")
+    if paired and len(pos) != len(neg):
+        raise DatasetError(f"paired=True needs as many concept as other texts; got {len(pos)} and {len(neg)}")
     layer_ids = list(range(pos.shape[1])) if layers is None else [int(x) for x in layers]
     if method == "mean_diff":
         vectors = pos.mean(0) - neg.mean(0)
     elif method == "pca":
-        vectors = _pca_vectors(pos, neg, seed)
+        vectors = _pca_vectors(pos, neg, seed, paired)
     else:
         vectors, boundary = _logistic(pos, neg, seed, c)
     vectors = vectors / vectors.norm(dim=-1, keepdim=True).clamp_min(1e-12)
