@@ -86,7 +86,7 @@ def section(runs: list[tuple[dict[str, Any], str]]) -> list[str]:
     for arm in ("unmodified", "neurons", "random neurons", "heads", "neurons+heads", "direction", "prompting"):
         lines.append(f"| {arm} | {paper.get(arm, '–')} | " + " | ".join(_rate(r, arm) for r, _ in runs) + " |")
     lines += ["", "Judge accuracy on held-out sentences (scenarios with unseen events / feeling statements with "
-              "unseen words; chance 14%): " + "; ".join(
+              "unseen words; chance is 1 / the classes of each set): " + "; ".join(
                   f"{_model(r)}: {_pct(r['classifier']['scenarios']['probe'])} / {_pct(r['classifier']['feelings']['probe'])}"
                   for r, _ in runs) + ".", ""]
     return lines

@@ -55,7 +55,8 @@ def emotion_outcome(ctx: Context[Any], selection: Selection, grid: Grid, measure
                      f"with neutral), fitted on identification sentences only. Held-out accuracy: "
                      f"{rules.pct(acc['scenarios']['probe'])} on {acc['scenarios']['n']} scenario sentences with unseen "
                      f"events and {rules.pct(acc['feelings']['probe'])} on {acc['feelings']['n']} feeling statements with "
-                     f"unseen emotion words (chance {rules.pct(acc['feelings']['chance'])}; the NRC lexicon alone: "
+                     f"unseen emotion words (chance {rules.pct(acc['scenarios']['chance'])} and "
+                     f"{rules.pct(acc['feelings']['chance'])}; the NRC lexicon alone: "
                      f"{rules.pct(acc['scenarios']['lexicon'])} and {rules.pct(acc['feelings']['lexicon'])}). Rates below "
                      "inherit this error.", rule="descriptive", numbers=acc))
     # per-layer held-out accuracy of the directions
