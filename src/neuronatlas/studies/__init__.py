@@ -15,12 +15,12 @@ from typing import Any
 
 __all__ = ["run", "STUDIES"]
 
-STUDIES = ("relations", "languages", "clamp", "culture")
+STUDIES = ("relations", "languages", "clamp", "culture", "neurofeedback", "self-report")
 
 
 def run(lm: Any, config: Any, out: str | Path, **kwargs: Any) -> Any:
     """Run (or resume) the study that ``config`` belongs to; see :func:`neuronatlas.studies.framework.run`."""
-    from neuronatlas.studies import clamp, culture, languages, relations  # noqa: F401  (registers the studies)
+    from neuronatlas.studies import clamp, culture, languages, neurofeedback, relations, self_report  # noqa: F401  (registers the studies)
     from neuronatlas.studies.framework import run as _run
 
     return _run(lm, config, out, **kwargs)
