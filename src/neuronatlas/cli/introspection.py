@@ -35,7 +35,7 @@ def neurofeedback_cmd(
     n_test: Annotated[int, typer.Option(min=4, help="held-out sentences whose labels are reported")] = 24,
     control_shots: Annotated[int, typer.Option(min=2, help="labelled examples before the control tasks (even)")] = 8,
     n_control: Annotated[int, typer.Option(min=2, help="given sentences in the implicit control task")] = 24,
-    n_generate: Annotated[int, typer.Option(min=2, help="written sentences per label in the explicit control task")] = 6,
+    n_generate: Annotated[int, typer.Option(min=2, help="written sentences per label in the explicit control task")] = 4,
     atlas: Annotated[Optional[Path], typer.Option(help="atlas to register the study in (default OUT/atlas)")] = None,
     seed: int = 0,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,

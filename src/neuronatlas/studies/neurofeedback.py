@@ -56,7 +56,7 @@ class NeurofeedbackConfig(StudyConfig):
     neuron_axis: bool = True             # the single neuron of largest variance
     control_shots: int = 8
     n_control: int = 24                  # given sentences (implicit control)
-    n_generate: int = 6                  # prompts per target (explicit control)
+    n_generate: int = 4                  # prompts per target (explicit control)
     max_new_tokens: int = 24
     max_words: int = 20                  # review snippets of 8 to max_words words
     temperature: float = 0.8             # sampling temperature of the written sentences
