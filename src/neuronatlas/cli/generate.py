@@ -41,6 +41,8 @@ def generate_cmd(
     clamp: Annotated[Optional[list[str]], typer.Option(help="SELECTOR=VALUE, e.g. L12:345=8 or L3:1-4=3xmax")] = None,
     scale: Annotated[Optional[list[str]], typer.Option(help="SELECTOR=FACTOR, e.g. L3:10=0")] = None,
     ablate: Annotated[Optional[list[str]], typer.Option(help="SELECTOR, e.g. L5:1-20 or @neurons.jsonl")] = None,
+    steer: Annotated[Optional[list[str]], typer.Option(help="FILE.npz@L12:ALPHA or FILE.npz@L12:0.5xnorm: add a "
+                                                       "direction from `directions fit` (docs/directions.md)")] = None,
     site: Annotated[str, typer.Option(help="mlp or gate")] = "mlp",
     position: Annotated[str, typer.Option(help="all or last")] = "all",
     atlas: Annotated[Optional[Path], typer.Option(help="atlas with recorded maxima, for =NxMAX clamp values")] = None,
@@ -60,6 +62,7 @@ def generate_cmd(
     ivs = [parse_intervention(kind, text, component=site, position=position, n_neurons=lm.n_neurons,  # type: ignore[arg-type]
                               max_lookup=lookup)
            for kind, texts in (("clamp", clamp), ("scale", scale), ("ablate", ablate)) for text in texts or []]
+    ivs += [_steer(text, position) for text in steer or []]
     conditions = [(), tuple(ivs)] if ivs else [()]
     outs = generate(lm, prompt, conditions=conditions, max_new_tokens=max_new_tokens, do_sample=sample,
                     temperature=temperature, seed=seed)
@@ -74,6 +77,14 @@ def generate_cmd(
         console.print(table)
 
     emit(data, as_json, render)
+
+
+def _steer(text: str, position: str):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from neuronatlas.cli.directions import parse_steer
+
+    return replace(parse_steer(text), position=position)
 
 
 def register(app: typer.Typer) -> None:

@@ -15,6 +15,7 @@ from neuronatlas.cli import languages as languages_cli
 from neuronatlas.cli import web
 from neuronatlas.cli import decode as decode_cli
 from neuronatlas.cli import decompose as decompose_cli
+from neuronatlas.cli import directions as directions_cli
 from neuronatlas.cli import explain as explain_cli
 from neuronatlas.cli.common import err_console
 from neuronatlas.errors import NeuronAtlasError
@@ -46,6 +47,7 @@ web.register(app)
 decode_cli.register(app)
 explain_cli.register(app)
 decompose_cli.register(app)
+directions_cli.register(app)
 
 
 def main(argv: list[str] | None = None) -> int:

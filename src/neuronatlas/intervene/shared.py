@@ -28,7 +28,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from neuronatlas.intervene.interventions import Condition, Intervention, Steer, intervene, normalize_conditions
+from neuronatlas.intervene.interventions import (
+    Condition, Intervention, Steer, SteerVector, intervene, normalize_conditions,
+)
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record.batching import forward, forward_through, repeat_batch
 
@@ -46,7 +48,7 @@ class PastSource(Protocol):
 
 def first_intervened_layer(conditions: Sequence[Condition], n_layers: int) -> int:
     """The lowest layer any intervention of ``conditions`` acts on (``n_layers`` when none does)."""
-    layers = [iv.layer if isinstance(iv, Steer) else min(iv.neurons.layers, default=n_layers)
+    layers = [iv.layer if isinstance(iv, (Steer, SteerVector)) else min(iv.neurons.layers, default=n_layers)
               for cond in conditions for iv in cond]
     return min(layers, default=n_layers)
 

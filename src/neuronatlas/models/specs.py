@@ -35,7 +35,9 @@ class ArchSpec:
     module that holds the projections. ``down``/``up``/``gate``/``act``/``gate_up``/``fc_in``:
     from that module to the projections. ``conv1d``: GPT-2's ``Conv1D`` stores weights as
     (in, out) instead of ``nn.Linear``'s (out, in). ``norm_offset``: Gemma's RMSNorm multiplies by
-    ``1 + weight``. ``width``: config attributes tried in order for the MLP width.
+    ``1 + weight``. ``width``: config attributes tried in order for the MLP width. ``attn``: from a
+    layer to the attention module; ``attn_out``: from that module to its output projection (whose
+    input is the concatenation of the heads' outputs).
     """
 
     family: str
@@ -52,6 +54,8 @@ class ArchSpec:
     fc_in: str | None = None
     conv1d: bool = False
     norm_offset: float = 0.0
+    attn: str = "self_attn"
+    attn_out: str = "o_proj"
 
     @property
     def gated(self) -> bool:
@@ -81,6 +85,15 @@ class ArchSpec:
 
     def mlp_module(self, model: nn.Module, layer: int) -> nn.Module:
         return get_module(self.layer_modules(model)[layer], self.mlp)
+
+    def attn_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return get_module(self.layer_modules(model)[layer], self.attn)
+
+    def attn_output_projection(self, model: nn.Module, layer: int) -> nn.Module:
+        return get_module(self.attn_module(model, layer), self.attn_out)
+
+    def down_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return get_module(self.mlp_module(model, layer), self.down)
 
     def hook_module(self, model: nn.Module, layer: int, component: Component) -> nn.Module:
         """The module whose input (MLP site: down-projection) or output (GATE site: act) is hooked."""
@@ -176,17 +189,17 @@ SPECS: dict[str, ArchSpec] = {
     "phi3": _llama_like("phi3", up=None, gate=None, gate_up="gate_up_proj", act="activation_fn"),
     "gpt2": ArchSpec(
         family="gpt2", layers="transformer.h", mlp="mlp", down="c_proj", fc_in="c_fc", act="act",
-        final_norm="transformer.ln_f", unembed="lm_head", width=("n_inner",), conv1d=True,
+        final_norm="transformer.ln_f", unembed="lm_head", width=("n_inner",), conv1d=True, attn="attn", attn_out="c_proj",
     ),
     "gpt_neox": ArchSpec(
         family="gpt_neox", layers="gpt_neox.layers", mlp="mlp", down="dense_4h_to_h",
         fc_in="dense_h_to_4h", act="act", final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="embed_out", attn="attention", attn_out="dense",
     ),
     "opt": ArchSpec(
         family="opt", layers="model.decoder.layers", mlp="", down="fc2", fc_in="fc1",
         act="activation_fn", final_norm="model.decoder.final_layer_norm", unembed="lm_head",
-        width=("ffn_dim",),
+        width=("ffn_dim",), attn_out="out_proj",
     ),
 }
 
