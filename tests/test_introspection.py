@@ -53,6 +53,24 @@ def test_span_activations_match_a_hand_forward_with_and_without_prefix_cache(fam
     np.testing.assert_allclose(steered, hand + 2.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("space", ["resid", "mlp_out"])
+def test_span_activations_in_residual_spaces_equal_directions_capture(space):
+    from neuronatlas.directions import capture
+
+    lm = tiny_model("gpt2")                       # no BOS: the whole text is the span
+    texts = ["a cat sat on the mat", "two dogs ran home today"]
+    got = span_activations(lm, [((), t) for t in texts], 1, space=space)
+    ref = capture(lm, texts, space=space, layers=[1], pool="mean")[:, 0].numpy()
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
+def test_span_activations_rejects_an_unknown_space():
+    from neuronatlas.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="resid"):
+        span_activations(tiny_model("llama"), [((), "x")], 1, space="attn")
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_choice_margin_equals_whole_target_scores(family):
     lm = tiny_model(family)
@@ -189,6 +207,18 @@ def test_self_report_study_with_a_lora_fine_tune(tmp_path):
     assert {"choices", "report", "probe", "steer", "trained_report", "unstated_report"} <= keys
     trained = res.results["trained"]["trained"]["reported"]
     assert trained != res.results["trained"]["unstated"]["reported"]     # the fine-tune changed the model
+
+
+def test_both_studies_in_the_residual_stream(tmp_path):
+    from neuronatlas.studies import run
+
+    lm = tiny_model("llama")
+    nf = run(lm, NeurofeedbackConfig(space="resid", n_sentences=24, n_test=6, shots=(0, 2), pcs=(1,), control_shots=2,
+                                     n_control=2, n_generate=2, max_new_tokens=2), tmp_path / "nf")
+    assert nf.results["selection"]["neurons"] == {} and "resid dim" in (tmp_path / "nf" / "report.html").read_text()
+    sr = run(lm, SelfReportConfig(space="resid", n_agents=2, n_choices=3, n_probe=10, probe_folds=2, steer_agents=1,
+                                  n_random=1), tmp_path / "sr")
+    assert sr.results["steering"]["alpha"] > 0 and len(sr.results["weights"]["reported"]) == 10
 
 
 def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):

@@ -26,7 +26,8 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def neurofeedback_cmd(
     out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (results.json, plots, report.html, atlas/)")],
     model: ModelOpt = "default",
-    layer: Annotated[int, typer.Option(help="layer whose MLP neurons define the axes (-1: the middle layer)")] = -1,
+    layer: Annotated[int, typer.Option(help="layer whose activations define the axes (-1: the middle layer)")] = -1,
+    space: Annotated[str, typer.Option(help="mlp (MLP neurons) or a residual-stream space: resid, attn_out, mlp_out")] = "mlp",
     shots: Annotated[str, typer.Option(help="numbers of labelled examples in context (even)")] = "0,4,16,64",
     pcs: Annotated[str, typer.Option(help="principal components used as axes, 1-based (empty: none)")] = "1,8,64",
     concept_axis: Annotated[bool, typer.Option(help="add the logistic-regression direction of sentiment")] = True,
@@ -43,7 +44,7 @@ def neurofeedback_cmd(
     """Can the model report and control the projection of its activations on an axis (arXiv 2505.13763)?"""
     from neuronatlas.studies.neurofeedback import NeurofeedbackConfig
 
-    cfg = NeurofeedbackConfig(layer=layer, shots=_ints(shots, "--shots"), pcs=_ints(pcs, "--pcs"),
+    cfg = NeurofeedbackConfig(layer=layer, space=space, shots=_ints(shots, "--shots"), pcs=_ints(pcs, "--pcs"),
                               concept_axis=concept_axis, neuron_axis=neuron_axis, n_sentences=n_sentences,
                               n_test=n_test, control_shots=control_shots, n_control=n_control, n_generate=n_generate,
                               seed=seed)
@@ -54,6 +55,7 @@ def self_report_cmd(
     out: Annotated[Path, typer.Option(parser=out_dir, help="output directory (results.json, plots, report.html, atlas/)")],
     model: ModelOpt = "default",
     layer: Annotated[int, typer.Option(help="layer of the probe and the steering (-1: the middle layer)")] = -1,
+    space: Annotated[str, typer.Option(help="probe and steering space: mlp (neurons) or resid, attn_out, mlp_out")] = "mlp",
     n_agents: Annotated[int, typer.Option(min=2, help="agents (a domain and random weights) whose reports are scored")] = 12,
     n_choices: Annotated[int, typer.Option(min=2, help="choices per agent")] = 16,
     n_probe: Annotated[int, typer.Option(min=4, help="further agents whose choice prompts train the probe")] = 120,
@@ -69,7 +71,7 @@ def self_report_cmd(
     """Can the model report the attribute weights behind its choices (arXiv 2505.17120)?"""
     from neuronatlas.studies.self_report import SelfReportConfig
 
-    cfg = SelfReportConfig(layer=layer, n_agents=n_agents, n_choices=n_choices, n_probe=n_probe,
+    cfg = SelfReportConfig(layer=layer, space=space, n_agents=n_agents, n_choices=n_choices, n_probe=n_probe,
                            steer_agents=steer_agents, steer_sd=steer_sd, n_random=n_random, train_steps=train_steps,
                            seed=seed)
     run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)

@@ -28,7 +28,7 @@ from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record.batching import batches, encode_ids, forward_through, pad_ids
 from neuronatlas.record.hooks import site_hooks
 
-__all__ = ["review_sentences", "span_activations", "choice_margin", "Segment"]
+__all__ = ["review_sentences", "span_activations", "choice_margin", "Segment", "SPACES"]
 
 # (text before the span, the span): the span's tokens are averaged; the text before is context
 Segment = tuple[Sequence[str], str]
@@ -60,15 +60,21 @@ def review_sentences(n: int, seed: int = 0, *, min_words: int = 8, max_words: in
     return [t for t, _ in rows], info
 
 
+SPACES = ("mlp", "resid", "attn_out", "mlp_out")
+
+
 def span_activations(lm: LoadedModel, segments: Sequence[Segment], layer: int, *, batch_size: int = 8,
-                     conditions: Condition = ()) -> np.ndarray:
-    """Mean MLP-neuron activation of layer ``layer`` over the tokens of each segment's span, read
+                     conditions: Condition = (), space: str = "mlp") -> np.ndarray:
+    """Mean activation of layer ``layer`` over the tokens of each segment's span, read
     with the segment's context before it: ``segments[i] = (context_parts, span)``, the model sees
     ``"".join(context_parts) + span`` (parts and span tokenised separately and joined, the first
     part with the tokenizer's special tokens, so the span's tokens are exactly those of ``span``).
     Segments whose first context part is shared (few-shot examples) run that part once and continue
-    its cached keys/values. Returns float32 (segments, neurons). ``conditions``: interventions
-    applied while reading (one condition)."""
+    its cached keys/values. ``space``: ``mlp`` (the MLP neurons, the project's neuron site) or a
+    residual-stream space of :mod:`neuronatlas.directions` (``resid``, ``attn_out``, ``mlp_out``).
+    Returns float32 (segments, width). ``conditions``: interventions applied while reading (one
+    condition)."""
+    from neuronatlas.directions.spaces import stream_hooks
     from neuronatlas.evaluate.prefix import PrefixKV, continuation_batch
     from neuronatlas.intervene.interventions import intervene
 
@@ -82,7 +88,10 @@ def span_activations(lm: LoadedModel, segments: Sequence[Segment], layer: int, *
     groups: dict[str, list[int]] = {}
     for i, (context, _) in enumerate(segments):
         groups.setdefault(context[0] if len(context) > 1 else "", []).append(i)
-    out = np.zeros((len(segments), lm.n_neurons), dtype=np.float32)
+    if space not in SPACES:
+        raise DatasetError(f"unknown space {space!r}; choose from: {', '.join(SPACES)}")
+    width = lm.n_neurons if space == "mlp" else int(lm.config.hidden_size)
+    out = np.zeros((len(segments), width), dtype=np.float32)
     for head, members in groups.items():
         prefix = ids_of(head, True) if head else []
         rows, spans = [], []
@@ -113,7 +122,9 @@ def span_activations(lm: LoadedModel, segments: Sequence[Segment], layer: int, *
             else:
                 batch, extra = pad_ids(lm, [rows[r] for r in idx], "right"), {}
             scope = intervene(lm, [conditions]) if conditions else nullcontext()
-            with scope, site_hooks(lm, "mlp", observe=observe, layers=[layer], batch_size=len(idx)):
+            hooks = (site_hooks(lm, "mlp", observe=observe, layers=[layer], batch_size=len(idx)) if space == "mlp" else
+                     stream_hooks(lm, space, observe=observe, layers=[layer], batch_size=len(idx)))
+            with scope, hooks:
                 forward_through(lm, batch, layer, **extra)
             h = got["h"].cpu()
             for j, r in enumerate(idx):

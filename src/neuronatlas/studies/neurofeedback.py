@@ -34,7 +34,7 @@ import numpy as np
 from neuronatlas.errors import SelectionError
 from neuronatlas.evaluate import generate
 from neuronatlas.studies.framework import Arm, Context, Grid, Measured, Outcome, Selection, Study, StudyConfig, register_study
-from neuronatlas.studies.introspection import Segment, choice_margin, review_sentences, span_activations
+from neuronatlas.studies.introspection import SPACES, Segment, choice_margin, review_sentences, span_activations
 
 __all__ = ["NeurofeedbackConfig", "NeurofeedbackStudy", "INSTRUCTION", "CONTROL_INSTRUCTION", "fit_axes"]
 
@@ -48,6 +48,7 @@ TARGETS = ("1", "0", "none")
 @dataclass(frozen=True)
 class NeurofeedbackConfig(StudyConfig):
     layer: int = -1                      # -1: the middle layer
+    space: str = "mlp"                   # mlp (neurons) or a residual-stream space: resid, attn_out, mlp_out
     n_sentences: int = 240               # pool: demonstrations and axis fitting, plus the test sentences
     n_test: int = 24                     # held-out sentences whose labels the model reports
     shots: tuple[int, ...] = (0, 4, 16, 64)
@@ -71,6 +72,8 @@ class NeurofeedbackConfig(StudyConfig):
                                  f"{max(self.shots)} after {self.n_test} test sentences; raise --n-sentences")
         if any(k < 1 for k in self.pcs) or max(self.pcs, default=1) > self.n_sentences - self.n_test:
             raise SelectionError(f"--pcs {self.pcs}: components are 1-based and at most the number of fitting sentences")
+        if self.space not in SPACES:
+            raise SelectionError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
         if self.n_control > self.n_test or self.n_control < 2 or self.n_generate < 2:
             raise SelectionError("--n-control must be between 2 and --n-test, --n-generate at least 2")
 
@@ -78,11 +81,14 @@ class NeurofeedbackConfig(StudyConfig):
 def fit_axes(acts: np.ndarray, train: np.ndarray, sentiment: np.ndarray, config: NeurofeedbackConfig,
              seed: int = 0) -> dict[str, dict[str, Any]]:
     """Unit axes in the activation space, fitted on rows ``train`` of ``acts`` (sentences, neurons):
-    ``pc<k>`` (principal components), ``sentiment`` (logistic-regression direction of
-    ``sentiment``), ``neuron`` (the largest-variance neuron). Each: ``vector``, ``share`` (share of
-    the pool's variance along it), ``kind``, and ``neuron`` for the single-neuron axis."""
+    ``pc<k>`` (principal components), ``sentiment`` (the logistic-regression direction of
+    ``sentiment``, :func:`neuronatlas.directions.fit_direction`), ``neuron`` (the largest-variance
+    neuron, or coordinate outside the ``mlp`` space). Each: ``vector``, ``share`` (share of the
+    pool's variance along it), ``kind``, and ``neuron`` for the single-neuron axis."""
+    import torch
     from sklearn.decomposition import PCA
-    from sklearn.linear_model import LogisticRegression
+
+    from neuronatlas.directions import fit_direction
 
     x = acts[train].astype(np.float64)
     mu = x.mean(0)
@@ -98,17 +104,20 @@ def fit_axes(acts: np.ndarray, train: np.ndarray, sentiment: np.ndarray, config:
             v = pca.components_[k - 1]
             axes[f"pc{k}"] = {"vector": v, "share": share(v), "kind": "principal component"}
     if config.concept_axis and len(set(sentiment[train].tolist())) == 2:
-        sd = x.std(0) + 1e-6
-        lr = LogisticRegression(C=0.1, max_iter=2000).fit((x - mu) / sd, sentiment[train])
-        v = lr.coef_[0] / sd
-        v = v / (np.linalg.norm(v) or 1.0)
+        y = sentiment[train]
+        t = torch.tensor(x - mu, dtype=torch.float32)[:, None, :]
+        # only the vector is used (the MLP neuron space is not one of the DirectionSet's spaces)
+        ds = fit_direction(t[y == 1], t[y == 0], method="logistic", layers=[0], concept="sentiment", pool="mean",
+                           seed=seed)
+        v = ds.vectors[0].double().numpy()
         axes["sentiment"] = {"vector": v, "share": share(v), "kind": "logistic direction (sentiment)",
-                             "train_accuracy": float(lr.score((x - mu) / sd, sentiment[train]))}
+                             "train_accuracy": float(ds.train_accuracy[0])}
     if config.neuron_axis:
         j = int(np.argmax(x.var(0)))
         v = np.zeros(x.shape[1])
         v[j] = 1.0
-        axes["neuron"] = {"vector": v, "share": share(v), "kind": "single neuron", "neuron": j}
+        axes["neuron"] = {"vector": v, "share": share(v), "neuron": j,
+                          "kind": "single neuron" if config.space == "mlp" else f"single coordinate of {config.space}"}
     return axes
 
 
@@ -151,7 +160,8 @@ class NeurofeedbackStudy(Study[NeurofeedbackConfig]):
         layer = self.layer(ctx)
         texts, info = review_sentences(cfg.n_sentences, cfg.seed, max_words=cfg.max_words)
         sentiment = np.array(info["sentiment"])
-        acts = span_activations(lm, [((), " " + t) for t in texts], layer, batch_size=cfg.batch_size).astype(np.float64)
+        acts = span_activations(lm, [((), " " + t) for t in texts], layer, batch_size=cfg.batch_size,
+                                space=cfg.space).astype(np.float64)
         n_fit = cfg.n_sentences - cfg.n_test
         train, test = np.arange(n_fit), np.arange(n_fit, cfg.n_sentences)
         axes = fit_axes(acts, train, sentiment, cfg, cfg.seed)
@@ -166,7 +176,7 @@ class NeurofeedbackStudy(Study[NeurofeedbackConfig]):
         ctx.data.update(texts=texts, sentiment=sentiment, acts=acts, axes=axes, train=train, test=test, layer=layer,
                         provenance={"sentences": {k: v for k, v in info.items() if k != "sentiment"}})
         sel = Selection("neurofeedback-axis-loadings", "mlp")
-        for name, ax in axes.items():
+        for name, ax in (axes.items() if cfg.space == "mlp" else ()):      # neurons only in the neuron space
             v = ax["vector"]
             top = np.argsort(-np.abs(v))[: 1 if name == "neuron" else 10]
             sel.add(name, [(layer, int(j)) for j in top], [float(v[j]) for j in top])
@@ -233,7 +243,8 @@ class NeurofeedbackStudy(Study[NeurofeedbackConfig]):
             for arm in arms:
                 t = arm.key.split("|")[2]
                 segs: list[Segment] = [((prefix, self.control_cue(t)), " " + g) for g in given]
-                out[arm.key] = {"proj": self._project(ctx, axis, span_activations(lm, segs, layer, batch_size=cfg.batch_size))}
+                out[arm.key] = {"proj": self._project(ctx, axis, span_activations(lm, segs, layer, batch_size=cfg.batch_size,
+                                                                                  space=cfg.space))}
         else:
             prefixes = [self.control_prefix(ctx, axis, 1 + k) for k in range(cfg.n_generate)]
             for arm in arms:
@@ -243,7 +254,8 @@ class NeurofeedbackStudy(Study[NeurofeedbackConfig]):
                                 do_sample=True, temperature=cfg.temperature, seed=cfg.seed)[0]
                 written = [g.strip() or "." for g in gens]
                 segs = [((p, self.control_cue(t)), " " + w) for p, w in zip(prefixes, written)]
-                out[arm.key] = {"proj": self._project(ctx, axis, span_activations(lm, segs, layer, batch_size=cfg.batch_size)),
+                out[arm.key] = {"proj": self._project(ctx, axis, span_activations(lm, segs, layer, batch_size=cfg.batch_size,
+                                                                                  space=cfg.space)),
                                 "text": written}
         return out
 

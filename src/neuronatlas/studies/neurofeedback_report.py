@@ -124,6 +124,11 @@ def control_finding(task: str, title: str, pairs: Mapping[str, tuple[Vec, Vec]],
                    numbers={"passed": passed, "shift_sd": shift, "p": dict(zip(names, p.tolist()))})
 
 
+def _unit(space: str, layer: int, j: int) -> str:
+    """A neuron id (linked by the viewer) in the neuron space, else the coordinate."""
+    return f"L{layer}:{j}" if space == "mlp" else f"{space} dim {j}"
+
+
 def neurofeedback_outcome(ctx: Context[Any], measured: Measured) -> Outcome:
     cfg, axes = ctx.config, ctx.data["axes"]
     names, shots = list(axes), list(cfg.shots)
@@ -179,10 +184,11 @@ def neurofeedback_outcome(ctx: Context[Any], measured: Measured) -> Outcome:
                title="Control: projection shift asked for", ylabel="SD of the axis")
     written = {t: measured.values.get(f"explicit|{names[0]}|{t}", {}).get("text", []) for t in ("1", "0", "none")}
     sections = [
-        Section("Axes", "", tables=[Table(["axis", "kind", "share of variance", "top neuron"],
-                                          [[a, axes[a]["kind"], share[a], f"L{ctx.data['layer']}:"
-                                            f"{int(np.argmax(np.abs(axes[a]['vector'])))}"] for a in names])],
-                notes=f"Layer {ctx.data['layer']}, MLP neuron activations averaged over each sentence's tokens; "
+        Section("Axes", "", tables=[Table(["axis", "kind", "share of variance", "largest loading"],
+                                          [[a, axes[a]["kind"], share[a], _unit(cfg.space, ctx.data["layer"],
+                                            int(np.argmax(np.abs(axes[a]["vector"]))))] for a in names])],
+                notes=f"Layer {ctx.data['layer']}, space {cfg.space} ({'MLP neurons' if cfg.space == 'mlp' else 'residual stream'}), "
+                      "activations averaged over each sentence's tokens; "
                       f"{len(ctx.data['train'])} sentences fit the axes and supply examples, {len(test)} are reported."),
         Section("Reporting the labels", "report", figures=["accuracy_vs_n.png"], tables=[Table(
             ["axis", "N", "accuracy", "shuffled labels", "AUC of the margin", "McNemar p (real > shuffled)"], rows)]),
@@ -194,7 +200,7 @@ def neurofeedback_outcome(ctx: Context[Any], measured: Measured) -> Outcome:
             ["after 'Label: 1'", "after 'Label: 0'", "no label"],
             [list(r) for r in zip(*(written[t] for t in ("1", "0", "none")))])]),
     ]
-    setup = {"model": ctx.lm.provenance.get("model"), "layer": ctx.data["layer"], "axes": ", ".join(names),
+    setup = {"model": ctx.lm.provenance.get("model"), "layer": ctx.data["layer"], "space": cfg.space, "axes": ", ".join(names),
              "sentences": cfg.n_sentences, "test sentences": len(test), "N": ", ".join(map(str, shots)),
              "control examples": cfg.control_shots}
     numbers = {"axes": {a: {"kind": axes[a]["kind"], "share": share[a], "neuron": axes[a].get("neuron"),

@@ -31,9 +31,10 @@ import numpy as np
 
 from neuronatlas.data.choices import DOMAINS, Agent, choice_pairs, describe, make_agents, preference_text, utility
 from neuronatlas.errors import SelectionError
-from neuronatlas.intervene import Steer
+from neuronatlas.intervene import Steer, SteerVector
+from neuronatlas.intervene.interventions import Intervention
 from neuronatlas.studies.framework import Arm, Context, Grid, Measured, Outcome, Selection, Study, StudyConfig, register_study
-from neuronatlas.studies.introspection import Segment, choice_margin, span_activations
+from neuronatlas.studies.introspection import SPACES, Segment, choice_margin, span_activations
 
 __all__ = ["SelfReportConfig", "SelfReportStudy", "choice_prompt", "report_prompt", "SCALE", "fit_probe"]
 
@@ -44,6 +45,7 @@ SCALE = tuple(str(d) for d in range(1, 10))      # answers 1..9; 5 = did not mat
 class SelfReportConfig(StudyConfig):
     n_random: int = 19              # random directions per steered slot: the fewest that let empirical p reach 0.05
     layer: int = -1                 # -1: the middle layer
+    space: str = "mlp"              # probe/steering space: mlp (neurons, Steer) or resid/attn_out/mlp_out (SteerVector)
     n_agents: int = 12              # evaluated agents (cycling through the domains)
     n_choices: int = 16             # choices per agent
     n_probe: int = 120              # further agents whose choice prompts train the probe
@@ -64,6 +66,8 @@ class SelfReportConfig(StudyConfig):
         if self.train_steps and self.n_agents > len(DOMAINS):
             raise SelectionError(f"--n-agents {self.n_agents} with --train-steps: at most {len(DOMAINS)} agents (one per "
                                  "domain, so the domain tells the fine-tuned agents apart)")
+        if self.space not in SPACES:
+            raise SelectionError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
         if self.steer_sd <= 0:
             raise SelectionError(f"--steer-sd {self.steer_sd} must be > 0")
 
@@ -135,16 +139,16 @@ class SelfReportStudy(Study[SelfReportConfig]):
             prompt = choice_prompt(ag, a, b)
             head, _, _ = prompt.rpartition("\nAnswer:")
             segs.append(((head,), "\nAnswer:"))
-        acts = span_activations(lm, segs, layer, batch_size=cfg.batch_size).astype(np.float64)
+        acts = span_activations(lm, segs, layer, batch_size=cfg.batch_size, space=cfg.space).astype(np.float64)
         n_slots = min(len(d.attributes) for d in DOMAINS.values())
         probes = [fit_probe(acts, np.array([ag.weights[k] for ag in probe_agents], dtype=float), cfg.probe_folds,
                             cfg.seed) for k in range(n_slots)]
         alpha = cfg.steer_sd * float(np.mean([p["projection_sd"] for p in probes]))
-        random_dirs = [[self._unit(rng.standard_normal(lm.n_neurons)) for _ in range(cfg.n_random)] for _ in range(n_slots)]
+        random_dirs = [[self._unit(rng.standard_normal(acts.shape[1])) for _ in range(cfg.n_random)] for _ in range(n_slots)]
         ctx.data.update(layer=layer, agents=agents, probes=probes, alpha=alpha, random_dirs=random_dirs, n_slots=n_slots,
                         choices=self._choices(agents, cfg), provenance={"choices": "neuronatlas.data.choices (built in)"})
         sel = Selection("self-report-probe-weights", "mlp")
-        for k, p in enumerate(probes):
+        for k, p in enumerate(probes if cfg.space == "mlp" else ()):      # neurons only in the neuron space
             top = np.argsort(-np.abs(p["direction"]))[:10]
             sel.add(f"slot{k}", [(layer, int(j)) for j in top], [float(p["direction"][j]) for j in top])
         return sel
@@ -157,6 +161,14 @@ class SelfReportStudy(Study[SelfReportConfig]):
     def _choices(agents: list[Agent], cfg: SelfReportConfig) -> list[tuple[int, tuple[float, ...], tuple[float, ...]]]:
         return [(i, a, b) for i, ag in enumerate(agents)
                 for a, b in choice_pairs(ag.domain, cfg.n_choices, seed=cfg.seed * 1_000_003 + i)]
+
+    def steer(self, ctx: Context[SelfReportConfig], vector: Sequence[float], alpha: float) -> Intervention:
+        """Add ``alpha`` x the unit ``vector`` at the probe's layer: MLP neurons (``Steer``) or a
+        residual-stream space (``SteerVector``)."""
+        vec = tuple(float(x) for x in vector)
+        if ctx.config.space == "mlp":
+            return Steer(ctx.data["layer"], vec, alpha)
+        return SteerVector(layer=ctx.data["layer"], vector=vec, alpha=alpha, space=ctx.config.space)
 
     def report_items(self, ctx: Context[SelfReportConfig]) -> list[tuple[int, int]]:
         """(agent, slot) of every report item, in order."""
@@ -171,15 +183,16 @@ class SelfReportStudy(Study[SelfReportConfig]):
                 grid.add(Arm(f"unstated|{what}", (), f"unstated|{what}", "baseline"))
                 grid.add(Arm(f"trained|{what}", (), f"trained|{what}", "other"))
         items = self.report_items(ctx)
-        layer, alpha = ctx.data["layer"], ctx.data["alpha"]
+        alpha = ctx.data["alpha"]
         for k in range(ctx.data["n_slots"]):
             sub = [n for n, (i, s) in enumerate(items) if s == k and i < ctx.config.steer_agents]
-            direction = tuple(float(x) for x in ctx.data["probes"][k]["direction"])
+            direction = ctx.data["probes"][k]["direction"]
             for sign in (1, -1):
                 key = f"steer|slot{k}|{'+' if sign > 0 else '-'}"
-                grid.add(Arm(key, (Steer(layer, direction, sign * alpha),), "reports", "selected", f"slot{k}", subset=tuple(sub)))
+                grid.add(Arm(key, (self.steer(ctx, direction, sign * alpha),), "reports", "selected", f"slot{k}",
+                             subset=tuple(sub)))
             for s, vec in enumerate(ctx.data["random_dirs"][k]):
-                grid.add(Arm(f"steer|slot{k}|+|rand{s}", (Steer(layer, tuple(float(x) for x in vec), alpha),), "reports",
+                grid.add(Arm(f"steer|slot{k}|+|rand{s}", (self.steer(ctx, vec, alpha),), "reports",
                              "random", f"slot{k}", of=f"steer|slot{k}|+", subset=tuple(sub)))
         return grid
 

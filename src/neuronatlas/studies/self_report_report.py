@@ -95,6 +95,7 @@ def _directions(f: Finding) -> Finding:
 
 def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Measured) -> Outcome:
     cfg, agents = ctx.config, ctx.data["agents"]
+    space = getattr(cfg, "space", "mlp")
     items = study.report_items(ctx)
     true = np.array([agents[i].weights[k] for i, k in items], dtype=float)
     reported = measured.get("baseline|reports", "reported")
@@ -124,7 +125,7 @@ def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Mea
     ok = benjamini_hochberg(np.where(np.isfinite(pr), pr, 1.0), cfg.alpha)
     found = [k for k in range(len(probes)) if ok[k] and probes[k]["r"] > 0]
     f_probe = Finding("probe", "Neuron directions that carry each weight",
-                      f"A ridge probe on layer {ctx.data['layer']}'s neurons (averaged over the 'Answer:' tokens of "
+                      f"A ridge probe on layer {ctx.data['layer']} ({space}; averaged over the 'Answer:' tokens of "
                       f"{cfg.n_probe} choice prompts, {cfg.probe_folds}-fold cross-validated) predicts the weight of "
                       f"attribute slot 1-{len(probes)} with r = " + ", ".join(num(p["r"]) for p in probes)
                       + f"; {len(found)} of {len(probes)} slots are significant (one-sided Pearson p, BH q < {cfg.alpha}).",
@@ -180,7 +181,8 @@ def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Mea
             [[s, comps[s].n_items, comps[s].baseline, comps[s].selected, minus[s].selected, comps[s].random_mean,
               comps[s].p_vs_unmodified, minus[s].p_vs_unmodified, comps[s].p_vs_random] for s in slots])]),
     ]
-    setup = {"model": ctx.lm.provenance.get("model"), "weights": "stated in context", "agents": cfg.n_agents,
+    setup = {"model": ctx.lm.provenance.get("model"), "weights": "stated in context", "space": space,
+             "agents": cfg.n_agents,
              "choices per agent": cfg.n_choices, "probe agents": cfg.n_probe, "layer": ctx.data["layer"],
              "steered agents": cfg.steer_agents}
     numbers = {"weights": {"pearson_r": f_report.numbers["r"], "p": f_report.numbers["p"], "lo": f_report.numbers["lo"],
