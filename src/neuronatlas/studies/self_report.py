@@ -144,7 +144,7 @@ class SelfReportStudy(Study[SelfReportConfig]):
         probes = [fit_probe(acts, np.array([ag.weights[k] for ag in probe_agents], dtype=float), cfg.probe_folds,
                             cfg.seed) for k in range(n_slots)]
         alpha = cfg.steer_sd * float(np.mean([p["projection_sd"] for p in probes]))
-        random_dirs = [[self._unit(rng.standard_normal(acts.shape[1])) for _ in range(cfg.n_random)] for _ in range(n_slots)]
+        random_dirs = [[self._unit(np.asarray(rng.standard_normal(acts.shape[1]))) for _ in range(cfg.n_random)] for _ in range(n_slots)]
         ctx.data.update(layer=layer, agents=agents, probes=probes, alpha=alpha, random_dirs=random_dirs, n_slots=n_slots,
                         choices=self._choices(agents, cfg), provenance={"choices": "neuronatlas.data.choices (built in)"})
         sel = Selection("self-report-probe-weights", "mlp")
