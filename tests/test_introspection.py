@@ -25,9 +25,12 @@ from neuronatlas.studies.self_report_report import correlation_finding, revealed
 PRE = "Each example has a label.\n\n"
 
 
-def _by_hand(lm, text: str, span: str, layer: int) -> np.ndarray:
-    """Mean site activation over the span's tokens, from one unbatched forward pass."""
-    ids = encode_ids(lm, [text])[0] + encode_ids(lm, [span], add_special_tokens=False)[0]
+def _by_hand(lm, text: str | tuple[str, ...], span: str, layer: int) -> np.ndarray:
+    """Mean site activation over the span's tokens, from one unbatched forward pass over the ids of
+    the context parts (the first with special tokens) and the span, joined."""
+    parts = (text,) if isinstance(text, str) else text
+    ids = encode_ids(lm, [parts[0]])[0] + [i for p in parts[1:] for i in encode_ids(lm, [p], add_special_tokens=False)[0]]
+    ids += encode_ids(lm, [span], add_special_tokens=False)[0]
     n_span = len(encode_ids(lm, [span], add_special_tokens=False)[0])
     seen = {}
     with site_hooks(lm, "mlp", observe=lambda _l, h: seen.__setitem__("h", h.detach().clone()), layers=[layer]):
@@ -255,5 +258,5 @@ def test_embedded_model_reads_labels_in_one_pass_and_caches_prefixes():
     np.testing.assert_allclose(m[0, :, 1] - m[0, :, 0], ref[2:] - ref[:2], atol=1e-3)
     segs = [((PRE, "Label: 1\nSentence:"), " a fine film"), ((PRE, "Label: 0\nSentence:"), " a fine film")]
     cached = span_activations(lm, segs, 15)
-    plain = span_activations(lm, [((PRE + c,), s) for (_, c), s in segs], 15)
-    np.testing.assert_allclose(cached, plain, atol=1e-3)
+    hand = np.stack([_by_hand(lm, ctx, span, 15) for ctx, span in segs])
+    np.testing.assert_allclose(cached, hand, atol=1e-3)
