@@ -60,7 +60,7 @@ def self_report_cmd(
     n_choices: Annotated[int, typer.Option(min=2, help="choices per agent")] = 16,
     n_probe: Annotated[int, typer.Option(min=4, help="further agents whose choice prompts train the probe")] = 120,
     steer_agents: Annotated[int, typer.Option(min=1, help="agents whose reports are steered")] = 6,
-    steer_sd: Annotated[float, typer.Option(help="steering strength, in SDs of the probe projection")] = 4.0,
+    steer_norm: Annotated[float, typer.Option(help="steering strength, as a multiple of the mean activation norm")] = 0.5,
     n_random: Annotated[int, typer.Option("--n-random", min=1, help="random directions per steered slot")] = 19,
     train_steps: Annotated[int, typer.Option(min=0, help="LoRA fine-tune steps on choices made by hidden weights "
                                                           "(0: off; needs the 'train' extra, peft)")] = 0,
@@ -72,7 +72,7 @@ def self_report_cmd(
     from neuronatlas.studies.self_report import SelfReportConfig
 
     cfg = SelfReportConfig(layer=layer, space=space, n_agents=n_agents, n_choices=n_choices, n_probe=n_probe,
-                           steer_agents=steer_agents, steer_sd=steer_sd, n_random=n_random, train_steps=train_steps,
+                           steer_agents=steer_agents, steer_norm=steer_norm, n_random=n_random, train_steps=train_steps,
                            seed=seed)
     run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)
 

@@ -7,8 +7,8 @@ Complex Internal Processes that Drive Their Decisions", arXiv 2505.17120) on the
    over the "Answer:" tokens of a choice prompt; per attribute slot a cross-validated ridge
    regression predicts the slot's weight. Its direction is the steering direction.
 2. ``conditions``: the unmodified model on every agent's choices and weight reports; per slot,
-   the probe direction added with +alpha and -alpha (alpha = ``steer_sd`` SDs of the probe
-   projection) on the reports of that slot, and ``n_random`` random directions of the same norm.
+   the probe direction added with +alpha and -alpha (alpha = ``steer_norm`` x the mean norm of the
+   activations read) on the reports of that slot, and ``n_random`` random directions of the same norm.
 3. ``measure``: choices: log p(" B") - log p(" A"); reports: the expected answer on a 1-9 scale
    (the digits' probabilities renormalised), mapped to [-100, 100].
 4. ``findings``: :mod:`neuronatlas.studies.self_report_report`: Pearson r between reported and
@@ -50,7 +50,7 @@ class SelfReportConfig(StudyConfig):
     n_choices: int = 16             # choices per agent
     n_probe: int = 120              # further agents whose choice prompts train the probe
     steer_agents: int = 6           # agents whose reports are steered
-    steer_sd: float = 4.0           # alpha in SDs of the probe projection
+    steer_norm: float = 0.5         # alpha as a multiple of the mean activation norm at the layer
     probe_folds: int = 5
     train_steps: int = 0            # > 0: also the trained-in condition (LoRA fine-tune; needs peft)
     train_per_agent: int = 40       # training choices per agent
@@ -68,8 +68,8 @@ class SelfReportConfig(StudyConfig):
                                  "domain, so the domain tells the fine-tuned agents apart)")
         if self.space not in SPACES:
             raise SelectionError(f"--space {self.space!r} is not one of {', '.join(SPACES)}")
-        if self.steer_sd <= 0:
-            raise SelectionError(f"--steer-sd {self.steer_sd} must be > 0")
+        if self.steer_norm <= 0:
+            raise SelectionError(f"--steer-norm {self.steer_norm} must be > 0 (a multiple of the mean activation norm)")
 
 
 def choice_prompt(agent: Agent, a: Sequence[float], b: Sequence[float], *, stated: bool = True) -> str:
@@ -143,7 +143,7 @@ class SelfReportStudy(Study[SelfReportConfig]):
         n_slots = min(len(d.attributes) for d in DOMAINS.values())
         probes = [fit_probe(acts, np.array([ag.weights[k] for ag in probe_agents], dtype=float), cfg.probe_folds,
                             cfg.seed) for k in range(n_slots)]
-        alpha = cfg.steer_sd * float(np.mean([p["projection_sd"] for p in probes]))
+        alpha = cfg.steer_norm * float(np.linalg.norm(acts, axis=1).mean())
         random_dirs = [[self._unit(np.asarray(rng.standard_normal(acts.shape[1]))) for _ in range(cfg.n_random)] for _ in range(n_slots)]
         ctx.data.update(layer=layer, agents=agents, probes=probes, alpha=alpha, random_dirs=random_dirs, n_slots=n_slots,
                         choices=self._choices(agents, cfg), provenance={"choices": "neuronatlas.data.choices (built in)"})

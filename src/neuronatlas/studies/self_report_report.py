@@ -138,7 +138,7 @@ def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Mea
                                           alternative="less", binary=False, seed=cfg.seed) for k in range(len(probes))}
     f_steer = _directions(rules.selected_vs_random("steer", "Steering along the probe direction", comps, alpha=cfg.alpha,
                                        what=f"Adding {num(ctx.data['alpha'], '.3g')} x the probe direction "
-                                            f"({cfg.steer_sd:g} SD of its projection) at layer {ctx.data['layer']}",
+                                            f"({cfg.steer_norm:g} x the mean activation norm) at layer {ctx.data['layer']}",
                                        metric_name="the reported weight", unit="attribute slot", direction="raise",
                                        as_percent=False))
     trained: dict[str, Any] = {}
