@@ -12,7 +12,7 @@ Complex Internal Processes that Drive Their Decisions", arXiv 2505.17120) on the
 3. ``measure``: choices: log p(" B") - log p(" A"); reports: the expected answer on a 1-9 scale
    (the digits' probabilities renormalised), mapped to [-100, 100].
 4. ``findings``: :mod:`neuronatlas.studies.self_report_report`: Pearson r between reported and
-   true weights (the paper: 0.54 before, 0.74 after introspection training, GPT-4o), whether the
+   true weights (the paper: 0.54 before, 0.74 after introspection training), whether the
    choices follow the weights, the probe, and steering against random directions.
 
     >>> from neuronatlas.studies import run
