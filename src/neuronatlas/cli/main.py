@@ -10,6 +10,7 @@ import typer
 from rich.markup import escape
 
 from neuronatlas.cli import core, data, generate, studies
+from neuronatlas.cli import introspection as introspection_cli
 from neuronatlas.cli import languages as languages_cli
 from neuronatlas.cli import web
 from neuronatlas.cli import decode as decode_cli
@@ -42,6 +43,7 @@ generate.register(app)
 data.register(data_app)
 studies.register(study_app)
 languages_cli.register(data_app, study_app)
+introspection_cli.register(study_app)
 web.register(app)
 decode_cli.register(app)
 explain_cli.register(app)

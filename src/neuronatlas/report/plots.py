@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["line_with_bands", "heatmap", "layer_histogram", "bars"]
+__all__ = ["line_with_bands", "heatmap", "layer_histogram", "bars", "scatter"]
 
 Series = tuple[Sequence[float], Sequence[float] | None, Sequence[float] | None]
 
@@ -113,4 +113,26 @@ def bars(path: str | Path, labels: Sequence[str], values: Mapping[str, Sequence[
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def scatter(path: str | Path, x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray, *, title: str, xlabel: str, ylabel: str,
+            groups: Sequence[str] | None = None, diagonal: bool = True) -> Path:
+    """A scatter of ``y`` against ``x`` (coloured by ``groups`` when given), with the y = x line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    names = list(dict.fromkeys(groups)) if groups is not None else [""]
+    for i, name in enumerate(names):
+        m = np.array([g == name for g in groups]) if groups is not None else np.ones(xs.size, dtype=bool)
+        ax.scatter(xs[m], ys[m], s=14, alpha=0.75, color=f"C{i % 10}", label=name or None)
+    if diagonal and xs.size:
+        lo, hi = float(np.nanmin([xs.min(), ys.min()])), float(np.nanmax([xs.max(), ys.max()]))
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if groups is not None and len(names) <= 12:
+        ax.legend(fontsize=6, ncol=2)
     return _save(fig, path)

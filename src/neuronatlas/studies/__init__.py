@@ -15,12 +15,14 @@ from typing import Any
 
 __all__ = ["run", "STUDIES"]
 
-STUDIES = ("relations", "languages", "clamp", "culture", "emotions")
+STUDIES = ("relations", "languages", "clamp", "culture", "emotions", "neurofeedback", "self-report")
 
 
 def run(lm: Any, config: Any, out: str | Path, **kwargs: Any) -> Any:
     """Run (or resume) the study that ``config`` belongs to; see :func:`neuronatlas.studies.framework.run`."""
-    from neuronatlas.studies import clamp, culture, emotions, languages, relations  # noqa: F401  (registers the studies)
+    from neuronatlas.studies import (  # noqa: F401  (registers the studies)
+        clamp, culture, emotions, languages, neurofeedback, relations, self_report,
+    )
     from neuronatlas.studies.framework import run as _run
 
     return _run(lm, config, out, **kwargs)
