@@ -60,10 +60,12 @@ def test_span_activations_match_a_hand_forward_with_and_without_prefix_cache(fam
 def test_span_activations_in_residual_spaces_equal_directions_capture(space):
     from neuronatlas.directions import capture
 
-    lm = tiny_model("gpt2")                       # no BOS: the whole text is the span
-    texts = ["a cat sat on the mat", "two dogs ran home today"]
-    got = span_activations(lm, [((), t) for t in texts], 1, space=space)
-    ref = capture(lm, texts, space=space, layers=[1], pool="mean")[:, 0].numpy()
+    lm = tiny_model("gpt2")                       # no BOS
+    # capture's mean skips each text's first token (the attention sink): read the rest as the span
+    # after that first word as context, and both average the same tokens
+    parts = [("a", " cat sat on the mat"), ("a", " dog ran home today")]   # "a": one token
+    got = span_activations(lm, [((head,), span) for head, span in parts], 1, space=space)
+    ref = capture(lm, [head + span for head, span in parts], space=space, layers=[1], pool="mean")[:, 0].numpy()
     np.testing.assert_allclose(got, ref, atol=1e-5)
 
 
