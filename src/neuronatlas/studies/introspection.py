@@ -21,14 +21,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuronatlas.errors import DatasetError
+from neuronatlas.errors import DatasetError, SelectionError
 from neuronatlas.evaluate import next_token_logprobs, target_logprobs
 from neuronatlas.intervene.interventions import Condition
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.record.batching import batches, encode_ids, forward_through, pad_ids
 from neuronatlas.record.hooks import site_hooks
 
-__all__ = ["review_sentences", "span_activations", "choice_margin", "Segment", "SPACES"]
+__all__ = ["review_sentences", "span_activations", "choice_margin", "Segment", "SPACES", "study_layer"]
+
+
+def study_layer(layer: int, n_layers: int) -> int:
+    """The layer a study reads: ``layer``, or the middle one when it is negative (the default)."""
+    chosen = layer if layer >= 0 else n_layers // 2
+    if chosen >= n_layers:
+        raise SelectionError(f"--layer {chosen} is out of range; the model has layers 0-{n_layers - 1}")
+    return chosen
 
 # (text before the span, the span): the span's tokens are averaged; the text before is context
 Segment = tuple[Sequence[str], str]

@@ -34,7 +34,9 @@ import numpy as np
 from neuronatlas.errors import SelectionError
 from neuronatlas.evaluate import generate
 from neuronatlas.studies.framework import Arm, Context, Grid, Measured, Outcome, Selection, Study, StudyConfig, register_study
-from neuronatlas.studies.introspection import SPACES, Segment, choice_margin, review_sentences, span_activations
+from neuronatlas.studies.introspection import (
+    SPACES, Segment, choice_margin, review_sentences, span_activations, study_layer,
+)
 
 __all__ = ["NeurofeedbackConfig", "NeurofeedbackStudy", "INSTRUCTION", "CONTROL_INSTRUCTION", "fit_axes"]
 
@@ -150,10 +152,7 @@ class NeurofeedbackStudy(Study[NeurofeedbackConfig]):
     pass_arms = 3
 
     def layer(self, ctx: Context[NeurofeedbackConfig]) -> int:
-        layer = ctx.config.layer if ctx.config.layer >= 0 else ctx.lm.n_layers // 2
-        if layer >= ctx.lm.n_layers:
-            raise SelectionError(f"--layer {layer} is out of range; the model has layers 0-{ctx.lm.n_layers - 1}")
-        return layer
+        return study_layer(ctx.config.layer, ctx.lm.n_layers)
 
     def select(self, ctx: Context[NeurofeedbackConfig]) -> Selection:
         cfg, lm = ctx.config, ctx.lm

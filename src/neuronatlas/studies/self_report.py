@@ -34,7 +34,7 @@ from neuronatlas.errors import SelectionError
 from neuronatlas.intervene import Steer, SteerVector
 from neuronatlas.intervene.interventions import Intervention
 from neuronatlas.studies.framework import Arm, Context, Grid, Measured, Outcome, Selection, Study, StudyConfig, register_study
-from neuronatlas.studies.introspection import SPACES, Segment, choice_margin, span_activations
+from neuronatlas.studies.introspection import SPACES, Segment, choice_margin, span_activations, study_layer
 
 __all__ = ["SelfReportConfig", "SelfReportStudy", "choice_prompt", "report_prompt", "SCALE", "fit_probe"]
 
@@ -122,10 +122,7 @@ class SelfReportStudy(Study[SelfReportConfig]):
     pass_arms = 8
 
     def layer(self, ctx: Context[SelfReportConfig]) -> int:
-        layer = ctx.config.layer if ctx.config.layer >= 0 else ctx.lm.n_layers // 2
-        if layer >= ctx.lm.n_layers:
-            raise SelectionError(f"--layer {layer} is out of range; the model has layers 0-{ctx.lm.n_layers - 1}")
-        return layer
+        return study_layer(ctx.config.layer, ctx.lm.n_layers)
 
     def select(self, ctx: Context[SelfReportConfig]) -> Selection:
         cfg, lm = ctx.config, ctx.lm
