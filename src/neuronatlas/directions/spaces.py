@@ -29,7 +29,7 @@ from torch import nn
 
 from neuronatlas.errors import SiteError
 from neuronatlas.models.loading import LoadedModel
-from neuronatlas.record.hooks import EditFn, ObserveFn, _as_3d
+from neuronatlas.record.hooks import EditFn, ObserveFn, edit_then_observe
 
 __all__ = ["Space", "stream_hooks", "space_module"]
 
@@ -83,18 +83,9 @@ def stream_hooks(lm: LoadedModel, space: Space | str, *, edit: EditFn | None = N
 
     def process(layer: int, output: Any) -> Any:
         is_tuple = isinstance(output, tuple)
-        h = output[0] if is_tuple else output
-        h3 = _as_3d(h, batch_size)
-        changed = None
-        if edit is not None:
-            changed = edit(layer, h3)
-            if changed is not None:
-                h3 = changed
-        if observe is not None:
-            observe(layer, h3)
-        if changed is None:
+        new = edit_then_observe(layer, output[0] if is_tuple else output, edit, observe, batch_size)
+        if new is None:
             return None
-        new = changed.reshape(h.shape)
         return (new, *output[1:]) if is_tuple else new
 
     try:

@@ -22,7 +22,7 @@ import torch
 from neuronatlas.models.loading import LoadedModel
 from neuronatlas.models.sites import Component
 
-__all__ = ["site_hooks", "EditFn", "ObserveFn", "count_hooks"]
+__all__ = ["site_hooks", "EditFn", "ObserveFn", "count_hooks", "edit_then_observe"]
 
 EditFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 ObserveFn = Callable[[int, torch.Tensor], None]
@@ -35,6 +35,21 @@ def _as_3d(h: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     if batch_size is None:
         return h.unsqueeze(0)
     return h.view(batch_size, -1, h.shape[-1])
+
+
+def edit_then_observe(layer: int, h: torch.Tensor, edit: EditFn | None, observe: ObserveFn | None,
+                      batch_size: int | None) -> torch.Tensor | None:
+    """What every hook does with an activation: view it as (batch, tokens, width), let ``edit``
+    replace it, let ``observe`` read the result; the replacement in ``h``'s own shape, or None."""
+    h3 = _as_3d(h, batch_size)
+    changed = None
+    if edit is not None:
+        changed = edit(layer, h3)
+        if changed is not None:
+            h3 = changed
+    if observe is not None:
+        observe(layer, h3)
+    return None if changed is None else changed.reshape(h.shape)
 
 
 @contextmanager
@@ -50,15 +65,7 @@ def site_hooks(lm: LoadedModel, component: Component | str = Component.MLP, *,
     handles: list[Any] = []
 
     def process(layer: int, h: torch.Tensor) -> torch.Tensor | None:
-        h3 = _as_3d(h, batch_size)
-        changed = None
-        if edit is not None:
-            changed = edit(layer, h3)
-            if changed is not None:
-                h3 = changed
-        if observe is not None:
-            observe(layer, h3)
-        return None if changed is None else changed.reshape(h.shape)
+        return edit_then_observe(layer, h, edit, observe, batch_size)
 
     try:
         for layer in chosen:
