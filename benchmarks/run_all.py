@@ -16,7 +16,7 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="out/benchmarks")
-    ap.add_argument("--only", default="", help="comma-separated names (record, decode, explain, languages, web, fewshot, cdt, attribution, snmf, steering)")
+    ap.add_argument("--only", default="", help="comma-separated names (record, decode, explain, languages, web, fewshot, cdt, attribution, snmf, steering, introspection)")
     ap.add_argument("--peer-python", default=None, help="interpreter with nnsight/transformer_lens, for bench_record")
     args = ap.parse_args()
     out = Path(args.out)

@@ -4,6 +4,7 @@ one slow test on the embedded model."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from conftest import run_cli
 from neuronatlas.data.choices import DOMAINS, Agent, choice_pairs, describe, make_agents, utility
+from neuronatlas.errors import DatasetError
 from neuronatlas.evaluate import target_logprobs
 from neuronatlas.intervene import Steer
 from neuronatlas.models.tiny import tiny_model
@@ -18,7 +20,9 @@ from neuronatlas.record.batching import encode_ids, pad_ids
 from neuronatlas.record.hooks import site_hooks
 from neuronatlas.studies.introspection import choice_margin, review_sentences, span_activations
 from neuronatlas.studies.neurofeedback import NeurofeedbackConfig, fit_axes
-from neuronatlas.studies.neurofeedback_report import auc, control_finding, report_finding, variance_finding
+from neuronatlas.studies.neurofeedback_report import (
+    auc, auc_difference, auc_interval, axis_surface, control_finding, report_finding, variance_finding,
+)
 from neuronatlas.studies.self_report import SelfReportConfig, fit_probe
 from neuronatlas.studies.self_report_report import correlation_finding, revealed_weights
 
@@ -122,11 +126,42 @@ def test_auc_matches_sklearn():
     assert auc(s, y) == pytest.approx(roc_auc_score(y, s))
 
 
+def test_auc_difference_exact_and_interval():
+    y = [1, 1, 0, 0]
+    gain, p = auc_difference([2, 1, 0, -1], [-1, 0, 1, 2], y)
+    assert gain == pytest.approx(1.0) and p == pytest.approx(1 / 16)      # only the observed swap pattern reaches it
+    assert all(math.isnan(v) for v in auc_difference([1, 2, 3], [3, 2, 1], [1, 1, 1]))    # one label only
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 60)
+    scores = labels + rng.normal(0, 1, 60)
+    lo, hi = auc_interval(scores, labels)
+    assert lo < auc(scores, labels) < hi and 0 <= lo and hi <= 1
+
+
+def test_axis_surface_reads_sentiment_and_length():
+    texts = ["a b", "a b c", "a b c d", "a b c d e"]
+    acts = np.array([[2.0, 0.0], [3.0, 1.0], [4.0, 0.0], [5.0, 1.0]])
+    sentiment = np.array([0, 1, 0, 1])
+    axes = {"length": {"vector": np.array([1.0, 0.0]), "mu": np.zeros(2), "labels": np.array([0, 0, 1, 1])},
+            "mood": {"vector": np.array([0.0, 1.0]), "mu": np.zeros(2), "labels": np.array([0, 1, 0, 1])}}
+    got = axis_surface(acts, axes, sentiment, texts)
+    assert got["length"]["r_words"] == pytest.approx(1.0) and got["length"]["sentiment_agreement"] == 0.5
+    assert got["mood"]["sentiment_agreement"] == 1.0 and got["mood"]["r_words"] == pytest.approx(0.447, abs=1e-3)
+
+
 def test_neurofeedback_rules_on_fixed_inputs():
-    good = report_finding({"a": ([1] * 20, [0] * 20), "b": ([1] * 20, [0] * 20)}, alpha=0.05, shots=8)
+    rng = np.random.default_rng(0)
+    y = np.array([1, 0] * 12)
+    ranked = y + rng.normal(0, 0.3, 24)                     # ranks the sentences by their label
+    noise = rng.normal(0, 1, 24)
+    good = report_finding({"a": (ranked, noise, y), "b": (ranked + 3.0, noise - 3.0, y)}, alpha=0.05, shots=8)
     assert good.holds is True and good.numbers["passed"] == ["a", "b"]
-    null = report_finding({"a": ([1, 0] * 10, [1, 0] * 10)}, alpha=0.05, shots=8)
-    assert null.holds is False
+    assert good.numbers["auc_real"]["a"] > 0.9 and good.numbers["answers_one"]["b"] == 1.0
+    # the same margins with and without an answer bias: no difference, whatever the bias
+    null = report_finding({"a": (noise, noise + 5.0, y)}, alpha=0.05, shots=8)
+    assert null.holds is False and null.numbers["p"]["a"] == 1.0
+    reversed_ = report_finding({"a": (-ranked, ranked, y)}, alpha=0.05, shots=8)
+    assert reversed_.holds is False and reversed_.numbers["auc_gain"]["a"] < -0.8
     up = control_finding("explicit", "Explicit", {"a": ([1.0, 2.0, 1.5, 1.2] * 3, [0.0] * 12)}, alpha=0.05)
     assert up.holds is True and up.numbers["shift_sd"]["a"] == pytest.approx(1.425)
     down = control_finding("explicit", "Explicit", {"a": ([0.0] * 12, [1.0] * 12)}, alpha=0.05)
@@ -149,6 +184,11 @@ def test_choice_data_by_hand():
     assert all(-100 <= w <= 100 for a in agents for w in a.weights)
     pairs = choice_pairs("loans", 5, seed=2)
     assert len(pairs) == 5 and all(len(a) == 5 for pair in pairs for a in pair)
+    for k in (1, 2):
+        one = choice_pairs("loans", 20, seed=2, differ=k)
+        assert all(sum(x != y for x, y in zip(a, b)) == k for a, b in one)
+    with pytest.raises(DatasetError, match="differ=6"):
+        choice_pairs("loans", 2, differ=6)
 
 
 def test_revealed_weights_recover_the_true_ones():
@@ -179,7 +219,7 @@ def test_neurofeedback_study_runs_and_resumes(tmp_path):
     cfg = NeurofeedbackConfig(n_sentences=40, n_test=8, shots=(0, 2, 4), pcs=(1, 2), control_shots=2, n_control=4,
                               n_generate=2, max_new_tokens=3)
     res = run(lm, cfg, tmp_path / "nf")
-    for f in ("results.json", "report.html", "summary.md", "accuracy_vs_n.png", "control_shift.png"):
+    for f in ("results.json", "report.html", "summary.md", "auc_vs_n.png", "accuracy_vs_n.png", "control_shift.png"):
         assert (tmp_path / "nf" / f).exists()
     data = json.loads((tmp_path / "nf" / "results.json").read_text())
     assert set(data["report_accuracy"]) == {"pc1", "pc2", "sentiment", "neuron"}
@@ -198,20 +238,40 @@ def test_self_report_study_with_a_lora_fine_tune(tmp_path):
 
     lm = tiny_model("llama")
     before = [p.detach().clone() for p in lm.model.parameters()]
-    cfg = SelfReportConfig(n_agents=3, n_choices=4, n_probe=10, probe_folds=2, steer_agents=1, n_random=2,
-                           train_steps=2, train_per_agent=4)
+    cfg = SelfReportConfig(n_agents=4, n_choices=4, n_probe=10, probe_folds=2, steer_agents=1, n_random=2,
+                           train_steps=2, train_per_agent=4, introspect_steps=2)
     res = run(lm, cfg, tmp_path / "sr")
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters()))    # the model itself is untouched
-    for f in ("results.json", "report.html", "reported_vs_true.png", "steering.png", "reported_vs_true_trained.png"):
+    for f in ("results.json", "report.html", "reported_vs_true.png", "steering.png", "reported_vs_true_trained.png",
+              "reported_vs_true_introspect.png"):
         assert (tmp_path / "sr" / f).exists()
     rep = res.results["weights"]
-    assert len(rep["true"]) == len(rep["reported"]) == 15
+    assert len(rep["true"]) == len(rep["reported"]) == 20
     assert all(-100 <= r <= 100 for r in rep["reported"])
     assert res.results["trained"]["training"]["steps"] == 2
     keys = {f.key for f in res.report.findings}
-    assert {"choices", "report", "probe", "steer", "trained_report", "unstated_report"} <= keys
+    assert {"choices", "report", "probe", "steer", "trained_report", "unstated_report", "introspect_before",
+            "introspect_after", "introspect_gain", "introspect_choices"} <= keys
     trained = res.results["trained"]["trained"]["reported"]
     assert trained != res.results["trained"]["unstated"]["reported"]     # the fine-tune changed the model
+    intro = res.results["trained"]["introspection"]
+    assert intro["n_held_out"] == intro["n_train"] == 10 and intro["training"]["examples"] == 10
+    assert intro["held_out_agents"] == [res.results["weights"]["items"][5 * i][0] for i in (1, 3)]
+
+
+def test_lora_finetune_learns_its_rows_and_report_digits():
+    pytest.importorskip("peft")
+    from neuronatlas.studies.self_report_train import lora_finetune, report_rows, weight_digit
+
+    assert [weight_digit(w) for w in (-100, -63, -12, 0, 12, 13, 100)] == [1, 2, 5, 5, 5, 6, 9]
+    rows = report_rows([Agent("condos", (100, -100, 0, 40, -40))])
+    assert [a for _, a in rows] == [" 9", " 1", " 5", " 7", " 3"] and "price" in rows[0][0] and "-100" not in rows[0][0]
+    lm = tiny_model("llama")
+    data = [("Question: the colour of the sky?\nAnswer:", " blue")] * 4
+    tuned, info = lora_finetune(lm, data, steps=25, batch_size=4, lr=5e-3)
+    before = target_logprobs(lm, [data[0][0]], [" blue"]).logprob.item()
+    after = target_logprobs(tuned, [data[0][0]], [" blue"]).logprob.item()
+    assert info["loss_last"] < info["loss_first"] and after > before + 1.0
 
 
 def test_both_studies_in_the_residual_stream(tmp_path):

@@ -32,8 +32,8 @@ def neurofeedback_cmd(
     pcs: Annotated[str, typer.Option(help="principal components used as axes, 1-based (empty: none)")] = "1,8,64",
     concept_axis: Annotated[bool, typer.Option(help="add the logistic-regression direction of sentiment")] = True,
     neuron_axis: Annotated[bool, typer.Option(help="add the single neuron of largest variance")] = True,
-    n_sentences: Annotated[int, typer.Option(min=8, help="review snippets: examples and axis fitting plus test")] = 240,
-    n_test: Annotated[int, typer.Option(min=4, help="held-out sentences whose labels are reported")] = 24,
+    n_sentences: Annotated[int, typer.Option(min=8, help="review snippets: examples and axis fitting plus test")] = 288,
+    n_test: Annotated[int, typer.Option(min=4, help="held-out sentences whose labels are reported")] = 48,
     control_shots: Annotated[int, typer.Option(min=2, help="labelled examples before the control tasks (even)")] = 8,
     n_control: Annotated[int, typer.Option(min=2, help="given sentences in the implicit control task")] = 24,
     n_generate: Annotated[int, typer.Option(min=2, help="written sentences per label in the explicit control task")] = 4,
@@ -64,6 +64,10 @@ def self_report_cmd(
     n_random: Annotated[int, typer.Option("--n-random", min=1, help="random directions per steered slot")] = 19,
     train_steps: Annotated[int, typer.Option(min=0, help="LoRA fine-tune steps on choices made by hidden weights "
                                                           "(0: off; needs the 'train' extra, peft)")] = 0,
+    train_differ: Annotated[int, typer.Option(min=0, max=5, help="training options differ in only this many "
+                                                                  "attributes (0: all drawn; 1-2 are easier to learn)")] = 0,
+    introspect_steps: Annotated[int, typer.Option(min=0, help="introspection training steps after the fine-tune: half "
+                                                               "the agents' reports are trained, the rest scored (0: off)")] = 0,
     atlas: Annotated[Optional[Path], typer.Option(help="atlas to register the study in (default OUT/atlas)")] = None,
     seed: int = 0,
     dtype: DtypeOpt = "float32", device: DeviceOpt = "cpu", as_json: JsonOpt = False,
@@ -73,7 +77,7 @@ def self_report_cmd(
 
     cfg = SelfReportConfig(layer=layer, space=space, n_agents=n_agents, n_choices=n_choices, n_probe=n_probe,
                            steer_agents=steer_agents, steer_norm=steer_norm, n_random=n_random, train_steps=train_steps,
-                           seed=seed)
+                           train_differ=train_differ, introspect_steps=introspect_steps, seed=seed)
     run_study_cli(cfg, out, model=model, dtype=dtype, device=device, as_json=as_json, atlas=atlas)
 
 

@@ -22,6 +22,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from neuronatlas.errors import DatasetError
+
 __all__ = ["Attribute", "Domain", "DOMAINS", "Agent", "make_agents", "choice_pairs", "utility", "describe",
            "preference_text"]
 
@@ -110,12 +112,26 @@ def _value(attr: Attribute, rng: random.Random) -> float:
     return attr.lo + attr.step * rng.randint(0, steps)
 
 
-def choice_pairs(domain: str, n: int, seed: int = 0) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
-    """``n`` pairs of options (attribute values), drawn on each attribute's grid."""
+def choice_pairs(domain: str, n: int, seed: int = 0, *, differ: int = 0) -> list[tuple[tuple[float, ...], tuple[float, ...]]]:
+    """``n`` pairs of options (attribute values), drawn on each attribute's grid. ``differ`` > 0:
+    the two options differ in exactly that many attributes (chosen at random) and share the
+    others, which makes a choice depend on fewer weights (0: every attribute drawn for both)."""
     spec = DOMAINS[domain]
     rng = random.Random(f"neuronatlas.choices.pairs:{seed}:{domain}")
-    return [(tuple(_value(a, rng) for a in spec.attributes), tuple(_value(a, rng) for a in spec.attributes))
-            for _ in range(n)]
+    if not differ:
+        return [(tuple(_value(a, rng) for a in spec.attributes), tuple(_value(a, rng) for a in spec.attributes))
+                for _ in range(n)]
+    if not 0 < differ <= len(spec.attributes):
+        raise DatasetError(f"differ={differ}: a {spec.item} has {len(spec.attributes)} attributes; use 1 to that")
+    pairs = []
+    for _ in range(n):
+        a = [_value(x, rng) for x in spec.attributes]
+        b = list(a)
+        for k in rng.sample(range(len(a)), differ):
+            while b[k] == a[k]:
+                b[k] = _value(spec.attributes[k], rng)
+        pairs.append((tuple(a), tuple(b)))
+    return pairs
 
 
 def utility(agent: Agent, values: Sequence[float]) -> float:

@@ -37,12 +37,19 @@ def _save(fig, path: str | Path) -> Path:  # type: ignore[no-untyped-def]
 
 
 def line_with_bands(path: str | Path, x: Sequence[float], series: Mapping[str, Series], *, xlabel: str,
-                    ylabel: str, title: str, logx: bool = False, dashed: Sequence[str] = ()) -> Path:
-    """One line per series with an optional (lo, hi) band; names in ``dashed`` are drawn dashed."""
+                    ylabel: str, title: str, logx: bool = False, dashed: Sequence[str] = (), paired: bool = False) -> Path:
+    """One line per series with an optional (lo, hi) band; names in ``dashed`` are drawn dashed.
+    ``paired``: a dashed series takes the colour of the solid series with the same first word
+    (``"pc1 shuffled"`` that of ``"pc1 (5% var)"``), so a control sits beside its condition."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    colors: dict[str, str] = {}
+    for name in series:
+        if not (paired and name in dashed):
+            colors[name] = f"C{len(colors) % 10}"
+    by_word = {n.split()[0]: c for n, c in colors.items() if n.split()}
     for i, (name, (mean, lo, hi)) in enumerate(series.items()):
-        color = f"C{i % 10}"
+        color = colors.get(name) or by_word.get(name.split()[0] if name.split() else "", f"C{i % 10}")
         ax.plot(x, mean, marker="o", ms=3, label=name, color=color, ls="--" if name in dashed else "-")
         if lo is not None and hi is not None:
             ax.fill_between(x, lo, hi, alpha=0.2, color=color)

@@ -51,8 +51,8 @@ TARGETS = ("1", "0", "none")
 class NeurofeedbackConfig(StudyConfig):
     layer: int = -1                      # -1: the middle layer
     space: str = "mlp"                   # mlp (neurons) or a residual-stream space: resid, attn_out, mlp_out
-    n_sentences: int = 240               # pool: demonstrations and axis fitting, plus the test sentences
-    n_test: int = 24                     # held-out sentences whose labels the model reports
+    n_sentences: int = 288               # pool: demonstrations and axis fitting, plus the test sentences
+    n_test: int = 48                     # held-out sentences whose labels the model reports
     shots: tuple[int, ...] = (0, 4, 16, 64)
     pcs: tuple[int, ...] = (1, 8, 64)    # principal components used as axes (1-based)
     concept_axis: bool = True            # the logistic direction of sentiment (fresh vs rotten)

@@ -54,6 +54,8 @@ class SelfReportConfig(StudyConfig):
     probe_folds: int = 5
     train_steps: int = 0            # > 0: also the trained-in condition (LoRA fine-tune; needs peft)
     train_per_agent: int = 40       # training choices per agent
+    train_differ: int = 0           # > 0: training options differ in only that many attributes (easier to learn)
+    introspect_steps: int = 0       # > 0 (with train_steps): introspection training on half of the agents' reports
     batch_size: int = 8
 
     def __post_init__(self) -> None:
@@ -63,6 +65,9 @@ class SelfReportConfig(StudyConfig):
             raise SelectionError(f"--steer-agents {self.steer_agents} must be between 1 and --n-agents {self.n_agents}")
         if self.train_steps < 0 or self.train_per_agent < 1:
             raise SelectionError("--train-steps must be >= 0 and the training choices per agent >= 1")
+        if self.introspect_steps < 0 or (self.introspect_steps and (not self.train_steps or self.n_agents < 4)):
+            raise SelectionError(f"--introspect-steps {self.introspect_steps} needs --train-steps > 0 and --n-agents >= 4 "
+                                 "(half the agents train the reports, the other half are held out)")
         if self.train_steps and self.n_agents > len(DOMAINS):
             raise SelectionError(f"--n-agents {self.n_agents} with --train-steps: at most {len(DOMAINS)} agents (one per "
                                  "domain, so the domain tells the fine-tuned agents apart)")
@@ -179,6 +184,8 @@ class SelfReportStudy(Study[SelfReportConfig]):
             for what in ("choices", "reports"):
                 grid.add(Arm(f"unstated|{what}", (), f"unstated|{what}", "baseline"))
                 grid.add(Arm(f"trained|{what}", (), f"trained|{what}", "other"))
+                if ctx.config.introspect_steps:
+                    grid.add(Arm(f"introspect|{what}", (), f"introspect|{what}", "other"))
         items = self.report_items(ctx)
         alpha = ctx.data["alpha"]
         for k in range(ctx.data["n_slots"]):
@@ -197,7 +204,8 @@ class SelfReportStudy(Study[SelfReportConfig]):
         cfg, agents = ctx.config, ctx.data["agents"]
         conds = [a.condition for a in arms]
         setting, _, what = items.rpartition("|")
-        lm, stated = (self.trained(ctx) if setting == "trained" else ctx.lm), setting == ""
+        lm = {"trained": self.trained, "introspect": self.introspective}.get(setting, lambda c: c.lm)(ctx)
+        stated = setting == ""
         if what == "choices":
             prompts = [choice_prompt(agents[i], a, b, stated=stated) for i, a, b in ctx.data["choices"]]
             m = choice_margin(lm, prompts, (" A", " B"), conditions=conds, batch_size=cfg.batch_size)
@@ -220,8 +228,27 @@ class SelfReportStudy(Study[SelfReportConfig]):
             with ctx.phase("train"):
                 ctx.data["trained_lm"], ctx.data["train_info"] = train_preferences(
                     ctx.lm, ctx.data["agents"], steps=ctx.config.train_steps, per_agent=ctx.config.train_per_agent,
-                    seed=ctx.config.seed)
+                    differ=ctx.config.train_differ, seed=ctx.config.seed, progress=lambda d, t: ctx.tick("LoRA: preferences", d, t))
         return ctx.data["trained_lm"]
+
+    @staticmethod
+    def introspection_split(n_agents: int) -> tuple[list[int], list[int]]:
+        """(agents whose reports train the introspection stage, held-out agents it is scored on):
+        alternate agents, so both halves span the domains' order."""
+        return list(range(0, n_agents, 2)), list(range(1, n_agents, 2))
+
+    def introspective(self, ctx: Context[SelfReportConfig]) -> Any:
+        """The preference-tuned model after introspection training on half of the agents' reports."""
+        if "introspect_lm" not in ctx.data:
+            from neuronatlas.studies.self_report_train import train_reports
+
+            base = self.trained(ctx)
+            train, _ = self.introspection_split(len(ctx.data["agents"]))
+            with ctx.phase("train"):
+                ctx.data["introspect_lm"], ctx.data["introspect_info"] = train_reports(
+                    base, [ctx.data["agents"][i] for i in train], steps=ctx.config.introspect_steps,
+                    seed=ctx.config.seed, progress=lambda d, t: ctx.tick("LoRA: introspection", d, t))
+        return ctx.data["introspect_lm"]
 
     def findings(self, ctx: Context[SelfReportConfig], selection: Selection, grid: Grid, measured: Measured) -> Outcome:
         from neuronatlas.studies.self_report_report import self_report_outcome

@@ -93,6 +93,74 @@ def _directions(f: Finding) -> Finding:
                    f.rule.replace("random sets", "random directions"), f.holds, f.numbers)
 
 
+def r_gain(before: Vec, after: Vec, y: Vec, groups: IVec, *, n_boot: int = 2000,
+           seed: int = 0) -> tuple[float, float, float]:
+    """r(after, y) - r(before, y) on the same items and its 95% paired bootstrap interval over
+    ``groups`` (e.g. agents: all of a drawn group's items are taken, in both conditions)."""
+    b, a, t = (np.asarray(v, dtype=float) for v in (before, after, y))
+    g = np.asarray(groups)
+    ids = np.unique(g)
+    members = {i: np.nonzero(g == i)[0] for i in ids}
+
+    def r(x: np.ndarray, z: np.ndarray) -> float:
+        return float(np.corrcoef(x, z)[0, 1]) if x.std() > 0 and z.std() > 0 else math.nan
+
+    gain = r(a, t) - r(b, t)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        pick = np.concatenate([members[i] for i in rng.choice(ids, ids.size)])
+        boots.append(r(a[pick], t[pick]) - r(b[pick], t[pick]))
+    arr = np.asarray(boots)[np.isfinite(boots)]
+    if not arr.size:
+        return gain, math.nan, math.nan
+    return gain, float(np.quantile(arr, 0.025)), float(np.quantile(arr, 0.975))
+
+
+def introspection_findings(study: Any, ctx: Context[Any], measured: Measured, true: np.ndarray,
+                           items: Sequence[tuple[int, int]]) -> tuple[list[Finding], dict[str, Any]]:
+    """The paper's second step: reports of held-out agents before (preference-tuned model) and
+    after introspection training on the other agents' reports."""
+    cfg = ctx.config
+    train, held = study.introspection_split(len(ctx.data["agents"]))
+    h = [n for n, (i, _) in enumerate(items) if i in set(held)]
+    t = [n for n, (i, _) in enumerate(items) if i in set(train)]
+    before, after = measured.get("trained|reports", "reported"), measured.get("introspect|reports", "reported")
+    owners = np.array([i for i, _ in items])
+    f_before = correlation_finding("introspect_before", "Held-out agents, before introspection training", before[h],
+                                   true[h], alpha=cfg.alpha, what="reported and true weights (held-out agents, "
+                                   "preference-tuned model)", groups=owners[h], seed=cfg.seed)
+    f_after = correlation_finding("introspect_after", "Held-out agents, after introspection training", after[h], true[h],
+                                  alpha=cfg.alpha, what="reported and true weights (held-out agents, after introspection "
+                                  "training on the other agents)", groups=owners[h], seed=cfg.seed)
+    gain, lo, hi = r_gain(before[h], after[h], true[h], owners[h], seed=cfg.seed)
+    train_before, train_after = pearson(before[t], true[t])[0], pearson(after[t], true[t])[0]
+    holds = None if not math.isfinite(lo) else bool(lo > 0)
+    f_gain = Finding("introspect_gain", "Introspection training improves reports on held-out agents",
+                     f"On {len(held)} held-out agents ({len(h)} weights) the correlation of reported and true weights goes "
+                     f"from r = {num(f_before.numbers['r'])} to {num(f_after.numbers['r'])} (gain {num(gain, '+.2f')}, 95% "
+                     f"paired bootstrap interval over agents {num(lo, '+.2f')} to {num(hi, '+.2f')}) after training the "
+                     f"reports of {len(train)} other agents (there r goes from {num(train_before)} to {num(train_after)}). "
+                     "Paper: 0.54 -> 0.74.",
+                     rule="the 95% paired bootstrap interval (over held-out agents) of r(after) - r(before) lies above 0",
+                     holds=holds, numbers={"gain": gain, "lo": lo, "hi": hi})
+    f_choices = correlation_finding("introspect_choices", "Choices after introspection training",
+                                    measured.get("introspect|choices", "margin"), study.true_utility_gaps(ctx),
+                                    alpha=cfg.alpha, what="the choice margin and the true utility gap (weights fine-tuned "
+                                    "in, after introspection training)", groups=[i for i, _, _ in ctx.data["choices"]],
+                                    seed=cfg.seed)
+    agents = ctx.data["agents"]
+    plots.scatter(ctx.out / "reported_vs_true_introspect.png", np.r_[true[h], true[h]], np.r_[before[h], after[h]],
+                  groups=["before"] * len(h) + ["after"] * len(h),
+                  title="Held-out agents: before / after introspection training",
+                  xlabel="true weight (fine-tuned in)", ylabel="reported weight")
+    numbers = {"before_r": f_before.numbers["r"], "after_r": f_after.numbers["r"], "gain": gain, "lo": lo, "hi": hi,
+               "train_before_r": train_before, "train_after_r": train_after, "n_held_out": len(h), "n_train": len(t),
+               "held_out_agents": [agents[i].domain for i in held], "training": ctx.data.get("introspect_info")}
+    numbers["choices_r"] = f_choices.numbers["r"]
+    return [f_choices, f_before, f_after, f_gain], numbers
+
+
 def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Measured) -> Outcome:
     cfg, agents = ctx.config, ctx.data["agents"]
     space = getattr(cfg, "space", "mlp")
@@ -156,6 +224,10 @@ def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Mea
             trained[setting] = {"choices_r": fc.numbers["r"], "report_r": fr.numbers["r"], "report_p": fr.numbers["p"],
                                 "reported": measured.get(f"{setting}|reports", "reported")}
         trained["training"] = ctx.data.get("train_info")
+        if "introspect|reports" in measured.values:
+            intro, intro_numbers = introspection_findings(study, ctx, measured, true, items)
+            extra += intro
+            trained["introspection"] = intro_numbers
         plots.scatter(ctx.out / "reported_vs_true_trained.png", true, measured.get("trained|reports", "reported"),
                       groups=[agents[i].domain for i, _ in items], title="Reported vs true weights (fine-tuned in)",
                       xlabel="true weight (fine-tuned in)", ylabel="reported weight (expected answer, rescaled)")
@@ -198,8 +270,19 @@ def self_report_outcome(study: Any, ctx: Context[Any], grid: Grid, measured: Mea
         sections.append(Section("Weights fine-tuned in (LoRA)", "trained_report", figures=["reported_vs_true_trained.png"],
                                 tables=[Table(["setting", "choices r", "report r", "report p"],
                                               [[k, v["choices_r"], v["report_r"], v["report_p"]]
-                                               for k, v in trained.items() if k != "training"])],
+                                               for k, v in trained.items() if k in ("unstated", "trained")])],
                                 notes=f"Training: {trained.get('training')}"))
         figures.append("reported_vs_true_trained.png")
+        if "introspection" in trained:
+            t = trained["introspection"]
+            sections.append(Section("Introspection training (held-out agents)", "introspect_gain",
+                                    figures=["reported_vs_true_introspect.png"],
+                                    tables=[Table(["agents", "items", "r before", "r after"],
+                                                  [["held out", t["n_held_out"], t["before_r"], t["after_r"]],
+                                                   ["trained on (reports)", t["n_train"], t["train_before_r"],
+                                                    t["train_after_r"]]])],
+                                    notes=f"Training: {t.get('training')}"))
+            figures.append("reported_vs_true_introspect.png")
+            setup = {**setup, "introspection steps": cfg.introspect_steps}
         setup = {**setup, "LoRA steps": cfg.train_steps}
     return Outcome([f_choice, f_report, f_revealed, f_probe, f_steer, *extra], sections, numbers, setup, figures)
