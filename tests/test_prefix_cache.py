@@ -91,6 +91,23 @@ def test_reference_is_plain_hf_on_concatenated_ids():
             assert abs(float(scores.logprob[c, i]) - direct) < ATOL
 
 
+def test_a_token_straddling_the_boundary_reads_the_joined_text():
+    """``" "`` ending the prefix and ``"1"`` starting the prompt are one token (``" 1"``) in the
+    joined text: the cached path must score that text, not ``" "`` then ``"1"``."""
+    lm = tiny_model("llama")
+    tok = lm.tokenizer
+    prefix, prompts = "Label: 0\nLabel: ", ["1\nLabel:", "1 and", "0"]
+    joined = [prefix + p for p in prompts]
+    separate = tok(prefix)["input_ids"] + tok(prompts[0], add_special_tokens=False)["input_ids"]
+    assert separate != tok(joined[0])["input_ids"]             # the case this test is about
+    pre, rem = split_ids(lm, [prefix] * 3, prompts)
+    assert all(p + r == tok(j)["input_ids"] for p, r, j in zip(pre, rem, joined))
+    assert len(pre[0]) == len(tok(prefix)["input_ids"]) - 1 and pre[0] == pre[1] == pre[2]
+    cached = next_token_logprobs(lm, prompts, prefixes=[prefix] * 3)
+    plain = next_token_logprobs(lm, joined)
+    assert torch.allclose(cached, plain, atol=ATOL)
+
+
 def _widths(lm, conds, batch_size):
     """(rows, tokens) of every forward pass of the model during a cached evaluation."""
     widths: list[tuple[int, int]] = []

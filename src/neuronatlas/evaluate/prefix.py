@@ -11,9 +11,10 @@ test prompts continues from a per-batch copy of them, under every condition::
     >>> r = target_logprobs(lm, ["The capital of France is", "The capital of Spain is"], [" Paris", " Madrid"],
     ...                     prefixes=[demos, demos], conditions=[(), (Ablate(ns),)])
 
-Tokens: the prefix is tokenised with the tokenizer's special tokens (a BOS where the model has one),
-the rest without, and the ids are concatenated; ``prefix_cache=False`` evaluates the very same ids
-without a cache (the reference the tests compare with).
+Tokens: every row is tokenised as the joined text (with the tokenizer's special tokens, a BOS where
+the model has one); the cached part is the longest run of the prefix's own ids that all its rows
+start with (:func:`split_ids`), so the cache never changes the text. ``prefix_cache=False``
+evaluates the very same ids without a cache (the reference the tests compare with).
 
 Conditions: an intervention at ``position='all'`` changes the prefix's keys/values too, so the prefix
 is run once per distinct set of all-position interventions (one forward pass of one row per such
@@ -47,13 +48,24 @@ __all__ = ["PrefixKV", "split_ids", "plan_prefixes", "continuation_batch", "gath
 
 
 def split_ids(lm: LoadedModel, prefixes: Sequence[str], prompts: Sequence[str]) -> tuple[list[list[int]], list[list[int]]]:
-    """Token ids of each prefix (with special tokens) and of each prompt after it (without)."""
+    """Token ids of each row's cacheable prefix and of the rest: together, exactly the ids of the
+    joined text ``prefixes[i] + prompts[i]`` (with special tokens). The cut is the longest run of
+    the prefix's own ids that the joined tokenisation of every row sharing that prefix starts
+    with, so a token that would straddle the boundary (``"\n\n"`` + ``"Sentence"`` is ``"\n"``,
+    ``"\nSentence"``... in some tokenizers) moves out of the cached part instead of changing the text."""
     if len(prefixes) != len(prompts):
         raise InterventionError(f"got {len(prefixes)} prefixes for {len(prompts)} prompts; give one prefix per "
                                 "prompt (repeat the shared one)")
     unique = list(dict.fromkeys(prefixes))
-    ids = dict(zip(unique, encode_ids(lm, unique)))
-    return [ids[p] for p in prefixes], encode_ids(lm, prompts, add_special_tokens=False)
+    own = dict(zip(unique, encode_ids(lm, unique)))
+    joined = encode_ids(lm, [p + q for p, q in zip(prefixes, prompts)])
+    cut = {p: len(ids) for p, ids in own.items()}
+    for p, ids in zip(prefixes, joined):
+        k, limit, mine = 0, min(cut[p], len(ids)), own[p]
+        while k < limit and mine[k] == ids[k]:
+            k += 1
+        cut[p] = k
+    return [own[p][:cut[p]] for p in prefixes], [ids[cut[p]:] for p, ids in zip(prefixes, joined)]
 
 
 def plan_prefixes(pre_ids: Sequence[Sequence[int]], rem_ids: Sequence[Sequence[int]], cache: bool = True

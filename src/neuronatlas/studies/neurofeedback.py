@@ -19,7 +19,7 @@ Control of Their Internal Activations", arXiv 2505.13763) on the study framework
     >>> from neuronatlas.studies import run
     >>> from neuronatlas.studies.neurofeedback import NeurofeedbackConfig
     >>> result = run(lm, NeurofeedbackConfig(), "out/neurofeedback")      # doctest: +SKIP
-    >>> result["report_accuracy"]["pc1"]                                    # doctest: +SKIP
+    >>> result["auc"]["pc1"]                                                # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ from neuronatlas.studies.rules import num, pct
 Vec = Union[Sequence[float], np.ndarray]
 IVec = Union[Sequence[int], np.ndarray]
 
-__all__ = ["neurofeedback_outcome", "report_finding", "control_finding", "variance_finding", "growth_finding", "auc", "axis_surface",
-           "auc_difference", "auc_interval"]
+__all__ = ["neurofeedback_outcome", "report_finding", "control_finding", "variance_finding", "growth_finding",
+           "auc", "auc_difference", "auc_interval", "axis_surface"]
 
 
 def auc(scores: Vec, labels: IVec) -> float:
@@ -118,8 +118,9 @@ def report_finding(margins: Mapping[str, tuple[Vec, Vec, IVec]], *, alpha: float
 
 
 def growth_finding(curves: Mapping[str, Vec], shots: IVec, *, alpha: float, metric: str = "AUC") -> Finding:
-    """Per axis: ``metric`` (the AUC of the report margin) rises with N when the slope against log2(N + 1) is positive with
-    permutation p < ``alpha`` (grid order shuffled; exact). Holds when more than half rise."""
+    """Per axis: ``metric`` (the AUC of the report margin) rises with N when the slope against
+    log2(N + 1) is positive with permutation p < ``alpha`` (grid order shuffled; exact). Holds
+    when more than half rise."""
     x = np.log2(np.asarray(shots, dtype=float) + 1)
     res = {n: dose_response(x.tolist(), (-np.asarray(c, dtype=float)).tolist()) for n, c in curves.items()}
     rising = [n for n, r in res.items() if r.slope < 0 and r.p_trend < alpha]

@@ -9,6 +9,10 @@ Complex Internal Processes that Drive Their Decisions", arXiv 2505.17120) on the
 2. ``conditions``: the unmodified model on every agent's choices and weight reports; per slot,
    the probe direction added with +alpha and -alpha (alpha = ``steer_norm`` x the mean norm of the
    activations read) on the reports of that slot, and ``n_random`` random directions of the same norm.
+   With ``train_steps``: the same choices and reports, weights not stated, of the original model
+   and of a LoRA-tuned copy that learnt the weights from choices
+   (:mod:`~neuronatlas.studies.self_report_train`); with ``introspect_steps`` also of that copy
+   after introspection training on every other agent's reports (scored on the held-out agents).
 3. ``measure``: choices: log p(" B") - log p(" A"); reports: the expected answer on a 1-9 scale
    (the digits' probabilities renormalised), mapped to [-100, 100].
 4. ``findings``: :mod:`neuronatlas.studies.self_report_report`: Pearson r between reported and
