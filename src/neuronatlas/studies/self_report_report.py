@@ -123,8 +123,9 @@ def introspection_findings(study: Any, ctx: Context[Any], measured: Measured, tr
     after introspection training on the other agents' reports."""
     cfg = ctx.config
     train, held = study.introspection_split(len(ctx.data["agents"]))
-    h = [n for n, (i, _) in enumerate(items) if i in set(held)]
-    t = [n for n, (i, _) in enumerate(items) if i in set(train)]
+    held_set, train_set = set(held), set(train)
+    h = [n for n, (i, _) in enumerate(items) if i in held_set]
+    t = [n for n, (i, _) in enumerate(items) if i in train_set]
     before, after = measured.get("trained|reports", "reported"), measured.get("introspect|reports", "reported")
     owners = np.array([i for i, _ in items])
     f_before = correlation_finding("introspect_before", "Held-out agents, before introspection training", before[h],
@@ -156,8 +157,8 @@ def introspection_findings(study: Any, ctx: Context[Any], measured: Measured, tr
                   xlabel="true weight (fine-tuned in)", ylabel="reported weight")
     numbers = {"before_r": f_before.numbers["r"], "after_r": f_after.numbers["r"], "gain": gain, "lo": lo, "hi": hi,
                "train_before_r": train_before, "train_after_r": train_after, "n_held_out": len(h), "n_train": len(t),
-               "held_out_agents": [agents[i].domain for i in held], "training": ctx.data.get("introspect_info")}
-    numbers["choices_r"] = f_choices.numbers["r"]
+               "held_out_agents": [agents[i].domain for i in held], "training": ctx.data.get("introspect_info"),
+               "choices_r": f_choices.numbers["r"]}
     return [f_choices, f_before, f_after, f_gain], numbers
 
 
