@@ -55,6 +55,7 @@ __all__ = [
     "decoded_vocab",
     "doc_batches",
     "stream_exemplars",
+    "write_exemplar_docs",
 ]
 
 CHECKPOINT_DIR = ".exemplars-checkpoint"
@@ -101,7 +102,7 @@ class DocBatch:
     chunk_end: bool
 
 
-def _iter_docs(corpus: Corpus, max_docs: int | None) -> Iterator[dict]:
+def _iter_docs(corpus: Iterable[dict] | Callable[[], Iterable[dict]], max_docs: int | None) -> Iterator[dict]:
     docs = corpus() if callable(corpus) else corpus
     return islice(iter(docs), max_docs) if max_docs is not None else iter(docs)
 
@@ -242,6 +243,24 @@ def decoded_vocab(tokenizer: Any) -> list[str]:
 def _write_tables(store: Atlas, lm: LoadedModel, corpus: Corpus, max_docs: int | None, stream: ExemplarStream,
                   config: ExemplarConfig, info: dict[str, Any], t_start: float) -> int:
     wanted = sorted(stream.referenced_docs())
+    kinds = [("top", stream.top)] + ([("random", stream.random)] if stream.random else [])
+    table = write_exemplar_docs(store, lm, corpus, max_docs, wanted, kinds, max_length=config.max_length,
+                                docs_table=DOCS_TABLE,
+                                describe="documents referenced by corpus_exemplars (neuronatlas exemplars)")
+    meta = {**info, "write_seconds": round(time.perf_counter() - t_start, 3)}
+    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    store.write_table(EXEMPLARS_TABLE, table, describe="top-k and random exemplars of every neuron with "
+                      "per-token activation windows (neuronatlas exemplars)")
+    return len(wanted)
+
+
+def write_exemplar_docs(store: Atlas, lm: LoadedModel, corpus: Iterable[dict] | Callable[[], Iterable[dict]],
+                        max_docs: int | None, wanted: list[int],
+                        kinds: list[tuple[str, Any]], *, max_length: int, docs_table: str, describe: str) -> pa.Table:
+    """Read the corpus once more for the documents ``wanted`` (sorted indices) that exemplars
+    point to, write them to ``docs_table`` (doc ids made unique, tokens decoded), and return the
+    exemplar table of ``kinds`` = [(kind, per-layer top-k)], ordered by layer, unit, kind, rank,
+    with per-token windows (not written: the caller names and annotates it)."""
     wanted_set = set(wanted)
     docs: dict[int, dict] = {}
     for index, doc in enumerate(_iter_docs(corpus, max_docs)):
@@ -251,21 +270,21 @@ def _write_tables(store: Atlas, lm: LoadedModel, corpus: Corpus, max_docs: int |
     if missing:
         raise DatasetError(f"the corpus yielded fewer documents on the second read ({len(missing)} missing); "
                            "pass a list or a function returning the same documents every time")
-    ids = encode_ids(lm, [docs[i]["text"] for i in wanted], max_length=config.max_length)
+    ids = encode_ids(lm, [docs[i]["text"] for i in wanted], max_length=max_length)
     vocab = decoded_vocab(lm.tokenizer)
-    seen: dict[str, int] = {}
+    seen: set[str] = set()
     doc_ids = []
     for i in wanted:
         did = str(docs[i].get("doc_id", i))
         doc_ids.append(f"{did}#{i}" if did in seen else did)  # duplicated ids become unique
-        seen[did] = i
+        seen.add(did)
     vocab_arr = np.array(vocab, dtype=object)
-    store.write_table(DOCS_TABLE, pa.table({
+    store.write_table(docs_table, pa.table({
         "doc_id": doc_ids,
         "source": [str(docs[i].get("source", "")) for i in wanted],
         "text": [docs[i]["text"] for i in wanted],
         "tokens": [vocab_arr[np.asarray(x, dtype=np.int64)].tolist() for x in ids],
-    }), describe="documents referenced by corpus_exemplars (neuronatlas exemplars)")
+    }), describe=describe)
 
     width = max((len(x) for x in ids), default=1)
     id_matrix = np.zeros((max(len(ids), 1), width), dtype=np.int32)
@@ -273,14 +292,8 @@ def _write_tables(store: Atlas, lm: LoadedModel, corpus: Corpus, max_docs: int |
         id_matrix[row, : len(x)] = x
     lookup = _Lookup(np.array(wanted, dtype=np.int64), id_matrix, pa.array(doc_ids, pa.string()),
                      pa.array(vocab, pa.string()))
-    kinds = [("top", stream.top)] + ([("random", stream.random)] if stream.random else [])
-    # rows come out ordered by layer, neuron, kind (top first), rank: no sort needed
-    table = pa.concat_tables([_layer_table(layer, kinds, lookup) for layer in range(len(stream.top))])
-    meta = {**info, "write_seconds": round(time.perf_counter() - t_start, 3)}
-    table = table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    store.write_table(EXEMPLARS_TABLE, table, describe="top-k and random exemplars of every neuron with "
-                      "per-token activation windows (neuronatlas exemplars)")
-    return len(wanted)
+    # rows come out ordered by layer, unit, kind (top first), rank: no sort needed
+    return pa.concat_tables([_layer_table(layer, kinds, lookup) for layer in range(len(kinds[0][1]))])
 
 
 @dataclass

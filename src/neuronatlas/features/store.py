@@ -22,7 +22,6 @@ Files (see docs/atlas-format.md, "SNMF features")::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,11 @@ import pyarrow as pa
 import torch
 
 from neuronatlas.decode.core import fold_final_norm, unembedding_matrix, vocabulary
-from neuronatlas.errors import AtlasError, DatasetError
-from neuronatlas.explain.exemplars import _layer_table, _Lookup, decoded_vocab
+from neuronatlas.errors import AtlasError
+from neuronatlas.explain.exemplars import write_exemplar_docs
 from neuronatlas.explain.tables import Excerpt, NeuronExemplars
 from neuronatlas.features.core import FeatureConfig, FeatureRun
 from neuronatlas.models.loading import LoadedModel
-from neuronatlas.record.batching import encode_ids
 from neuronatlas.store.atlas import Atlas
 
 __all__ = ["ARRAYS", "output_directions", "write_features", "read_components", "read_feature_exemplars",
@@ -88,32 +86,10 @@ def _docs_and_exemplars(store: Atlas, lm: LoadedModel, corpus: Iterable[dict] | 
         docs_t = part.top.prompt[torch.isfinite(part.top.values)]
         wanted_set.update(int(d) for d in torch.unique(docs_t).tolist())
     wanted = sorted(wanted_set)
-    source = corpus() if callable(corpus) else corpus
-    docs = {i: d for i, d in enumerate(islice(iter(source), max_docs)) if i in wanted_set}
-    if len(docs) != len(wanted):
-        raise DatasetError("the corpus yielded fewer documents on the last read; pass a list or a function "
-                           "returning the same documents every time")
-    ids = encode_ids(lm, [docs[i]["text"] for i in wanted], max_length=config.max_length)
-    vocab = decoded_vocab(lm.tokenizer)
-    vocab_arr = np.array(vocab, dtype=object)
-    doc_ids, seen = [], set()
-    for i in wanted:
-        did = str(docs[i].get("doc_id", i))
-        doc_ids.append(f"{did}#{i}" if did in seen else did)
-        seen.add(did)
-    store.write_table("feature_docs.parquet", pa.table({
-        "doc_id": doc_ids, "source": [str(docs[i].get("source", "")) for i in wanted],
-        "text": [docs[i]["text"] for i in wanted],
-        "tokens": [vocab_arr[np.asarray(x, dtype=np.int64)].tolist() for x in ids]}),
-        describe="documents referenced by feature_exemplars (neuronatlas features)")
-    width = max((len(x) for x in ids), default=1)
-    id_matrix = np.zeros((max(len(ids), 1), width), dtype=np.int32)
-    for row, x in enumerate(ids):
-        id_matrix[row, : len(x)] = x
-    lookup = _Lookup(np.array(wanted, dtype=np.int64), id_matrix, pa.array(doc_ids, pa.string()),
-                     pa.array(vocab, pa.string()))
     kinds = [("top", run.top)] + ([("random", run.random)] if run.random else [])
-    table = pa.concat_tables([_layer_table(layer, kinds, lookup) for layer in range(len(run.top))])
+    table = write_exemplar_docs(store, lm, corpus, max_docs, wanted, kinds, max_length=config.max_length,
+                                docs_table="feature_docs.parquet",
+                                describe="documents referenced by feature_exemplars (neuronatlas features)")
     table = table.rename_columns(["feature" if c == "neuron" else c for c in table.column_names])
     store.write_table("feature_exemplars.parquet", table,
                       describe="top exemplars of every SNMF feature with per-token code windows (neuronatlas features)")
