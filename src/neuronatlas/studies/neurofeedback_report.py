@@ -30,10 +30,9 @@ __all__ = ["neurofeedback_outcome", "report_finding", "control_finding", "varian
 def auc(scores: Vec, labels: IVec) -> float:
     """Area under the ROC curve of ``scores`` for binary ``labels`` (ties count half)."""
     s, y = np.asarray(scores, dtype=float), np.asarray(labels, dtype=int)
-    pos, neg = s[y == 1], s[y == 0]
-    if not pos.size or not neg.size:
+    if not (y == 1).any() or not (y == 0).any():
         return math.nan
-    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (pos.size * neg.size))
+    return float(_auc_rows(s[None], y)[0])
 
 
 def auc_interval(scores: Vec, labels: IVec, *, level: float = 0.95, n_boot: int = 2000,

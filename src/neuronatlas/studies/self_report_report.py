@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Union
 
 import numpy as np
@@ -39,6 +39,23 @@ def pearson(x: Vec, y: Vec) -> tuple[float, float]:
     return float(res.statistic), float(res.pvalue)
 
 
+def _r(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson r, NaN when either side is constant."""
+    return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else math.nan
+
+
+def group_bootstrap(groups: IVec, statistic: Callable[[np.ndarray], float], *, n_boot: int, seed: int) -> np.ndarray:
+    """``statistic(rows)`` on ``n_boot`` resamples of whole groups (drawn with replacement, every
+    row of a drawn group taken); the finite values."""
+    g = np.asarray(groups)
+    ids = np.unique(g)
+    members = {i: np.nonzero(g == i)[0] for i in ids}
+    rng = np.random.default_rng(seed)
+    vals = np.asarray([statistic(np.concatenate([members[i] for i in rng.choice(ids, ids.size)]))
+                       for _ in range(n_boot)], dtype=float)
+    return vals[np.isfinite(vals)]
+
+
 def correlation_finding(key: str, title: str, x: Vec, y: Vec, *, alpha: float, what: str,
                         groups: IVec | None = None, seed: int = 0) -> Finding:
     """Pearson r between ``x`` and ``y`` with a one-sided p (r > 0) and, with ``groups`` (e.g. the
@@ -46,18 +63,8 @@ def correlation_finding(key: str, title: str, x: Vec, y: Vec, *, alpha: float, w
     r, p = pearson(x, y)
     lo = hi = math.nan
     if groups is not None and math.isfinite(r):
-        g = np.asarray(groups)
-        ids = np.unique(g)
-        rng = np.random.default_rng(seed)
-        members = [np.nonzero(g == i)[0] for i in range(int(ids.max()) + 1)] if ids.dtype.kind in "iu" else None
         xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-        boots = []
-        for _ in range(1000):
-            picks = rng.choice(ids, ids.size)
-            pick = np.concatenate([members[i] if members is not None else np.nonzero(g == i)[0] for i in picks])
-            xs, ys = xa[pick], ya[pick]
-            boots.append(float(np.corrcoef(xs, ys)[0, 1]) if xs.std() > 0 and ys.std() > 0 else math.nan)
-        arr = np.asarray(boots)[np.isfinite(boots)]
+        arr = group_bootstrap(groups, lambda pick: _r(xa[pick], ya[pick]), n_boot=1000, seed=seed)
         if arr.size:
             lo, hi = float(np.quantile(arr, 0.025)), float(np.quantile(arr, 0.975))
     ci = f" (95% bootstrap interval over agents {num(lo)} to {num(hi)})" if math.isfinite(lo) else ""
@@ -98,20 +105,8 @@ def r_gain(before: Vec, after: Vec, y: Vec, groups: IVec, *, n_boot: int = 2000,
     """r(after, y) - r(before, y) on the same items and its 95% paired bootstrap interval over
     ``groups`` (e.g. agents: all of a drawn group's items are taken, in both conditions)."""
     b, a, t = (np.asarray(v, dtype=float) for v in (before, after, y))
-    g = np.asarray(groups)
-    ids = np.unique(g)
-    members = {i: np.nonzero(g == i)[0] for i in ids}
-
-    def r(x: np.ndarray, z: np.ndarray) -> float:
-        return float(np.corrcoef(x, z)[0, 1]) if x.std() > 0 and z.std() > 0 else math.nan
-
-    gain = r(a, t) - r(b, t)
-    rng = np.random.default_rng(seed)
-    boots = []
-    for _ in range(n_boot):
-        pick = np.concatenate([members[i] for i in rng.choice(ids, ids.size)])
-        boots.append(r(a[pick], t[pick]) - r(b[pick], t[pick]))
-    arr = np.asarray(boots)[np.isfinite(boots)]
+    gain = _r(a, t) - _r(b, t)
+    arr = group_bootstrap(groups, lambda pick: _r(a[pick], t[pick]) - _r(b[pick], t[pick]), n_boot=n_boot, seed=seed)
     if not arr.size:
         return gain, math.nan, math.nan
     return gain, float(np.quantile(arr, 0.025)), float(np.quantile(arr, 0.975))
