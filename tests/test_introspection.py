@@ -259,6 +259,22 @@ def test_self_report_study_with_a_lora_fine_tune(tmp_path):
     assert intro["held_out_agents"] == [res.results["weights"]["items"][5 * i][0] for i in (1, 3)]
 
 
+def test_introspection_gain_rule_on_fixed_inputs():
+    from neuronatlas.studies.self_report_report import group_bootstrap, r_gain
+
+    rng = np.random.default_rng(0)
+    true = rng.uniform(-100, 100, 40)
+    groups = np.repeat(np.arange(8), 5)
+    noise = rng.normal(0, 50, 40)
+    gain, lo, hi = r_gain(noise, true + rng.normal(0, 10, 40), true, groups)
+    assert gain > 0.8 and 0 < lo < gain < hi
+    same, lo, hi = r_gain(noise, noise, true, groups)
+    assert same == 0 and lo == hi == 0
+    # whole groups are drawn: a statistic that counts distinct groups never sees a partial group
+    sizes = group_bootstrap(groups, lambda rows: float(len(rows) % 5), n_boot=50, seed=1)
+    assert sizes.size == 50 and (sizes == 0).all()
+
+
 def test_lora_finetune_learns_its_rows_and_report_digits():
     pytest.importorskip("peft")
     from neuronatlas.studies.self_report_train import lora_finetune, report_rows, weight_digit
@@ -296,6 +312,12 @@ def test_cli_errors_are_one_line(capsys, tmp_path, model_dir):
     code, _, err = run_cli(capsys, "study", "self-report", "--model", str(model_dir), "--out", str(tmp_path / "c"),
                            "--steer-agents", "20")
     assert code == 2 and "--steer-agents" in err
+    code, _, err = run_cli(capsys, "study", "self-report", "--model", str(model_dir), "--out", str(tmp_path / "d"),
+                           "--introspect-steps", "5")
+    assert code == 2 and "--introspect-steps 5 needs --train-steps" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli(capsys, "study", "self-report", "--model", str(model_dir), "--out", str(tmp_path / "e"),
+                           "--train-steps", "2", "--train-differ", "9")
+    assert code == 2 and "--train-differ" in err and "Traceback" not in err
 
 
 def test_cli_self_report_json(capsys, tmp_path, model_dir):
